@@ -1,0 +1,42 @@
+"""One row per call: what was used, what it cost, how long it took, who to attribute it to."""
+
+from django.db import models
+
+
+class UsageRecord(models.Model):
+    request_id = models.CharField(max_length=128, unique=True)  # dedupes at-least-once delivery
+    provider_request_id = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.PROTECT, related_name="usage")
+    api_key = models.ForeignKey("tenants.ApiKey", on_delete=models.SET_NULL, null=True, related_name="usage")
+    key_prefix = models.CharField(max_length=32, blank=True)
+    provider = models.CharField(max_length=32, blank=True)
+    model = models.CharField(max_length=200)  # public name asked for
+    upstream_model = models.CharField(max_length=200, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    cache_creation_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=10, default=0)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    latency_ms = models.FloatField()
+    finish_reason = models.CharField(max_length=32, blank=True)
+    http_status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    stream = models.BooleanField(default=False)
+    partial = models.BooleanField(default=False, help_text="The stream ended early (client left or upstream broke).")
+    retries = models.PositiveSmallIntegerField(default=0)
+    end_user = models.CharField(max_length=256, blank=True)  # the request's `user` field
+    feature = models.CharField(max_length=64, blank=True)  # metadata.feature or X-Feature
+    front_door = models.CharField(max_length=16, default="rest")
+    prompt = models.JSONField(null=True, blank=True)  # only when the tenant stores content
+    completion = models.TextField(blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "created_at"]),
+            models.Index(fields=["tenant", "feature", "created_at"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.model} {self.cost_usd}"

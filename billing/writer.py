@@ -1,0 +1,113 @@
+"""Drain the usage stream into PostgreSQL: batched, at least once, deduplicated by request id.
+
+Entries move to the consumer group's pending list when read and are acknowledged only after
+their rows are committed. A writer killed in between leaves them pending: on restart it
+re-reads its own pending entries first, and any writer claims entries left idle by a dead one.
+`request_id` is unique, so a row committed before a crash is never written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import orjson
+import redis
+from django.db import transaction
+from django.db.models import Q
+
+from llm_platform.redis import get_redis
+from tenants.models import ApiKey
+
+from .models import UsageRecord
+from .recorder import stream_name
+
+log = logging.getLogger(__name__)
+GROUP = "usage-writers"
+CLAIM_IDLE_MS = 30_000
+FIELDS = {f.name for f in UsageRecord._meta.get_fields() if f.concrete} - {"id", "tenant", "api_key"} | {"tenant_id", "api_key_id"}
+
+
+def default_consumer() -> str:
+    return f"writer-{socket.gethostname()}"
+
+
+def ensure_group(client: redis.Redis) -> None:
+    try:
+        client.xgroup_create(stream_name(), GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def to_record(row: dict) -> UsageRecord:
+    data = {k: v for k, v in row.items() if k in FIELDS}
+    data["created_at"] = datetime.fromtimestamp(float(row["created_at"]), tz=timezone.utc)
+    data["cost_usd"] = Decimal(str(row.get("cost_usd") or "0"))
+    return UsageRecord(**data)
+
+
+def write_rows(rows: list[dict]) -> int:
+    """Insert rows (duplicates ignored) and move keys' last_used_at forward, in one transaction."""
+    records = [to_record(row) for row in rows]
+    last_used: dict[int, datetime] = {}
+    for record in records:
+        if record.api_key_id and (record.api_key_id not in last_used or record.created_at > last_used[record.api_key_id]):
+            last_used[record.api_key_id] = record.created_at
+    with transaction.atomic():
+        UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
+        for key_id, when in last_used.items():
+            ApiKey.objects.filter(pk=key_id).filter(
+                Q(last_used_at__isnull=True) | Q(last_used_at__lt=when)
+            ).update(last_used_at=when)
+    return len(records)
+
+
+def _read(client: redis.Redis, consumer: str, count: int, block_ms: int | None) -> list:
+    stream = stream_name()
+    # 1. my own entries from before a crash; 2. entries a dead writer left idle; 3. new ones.
+    mine = client.xreadgroup(GROUP, consumer, {stream: "0"}, count=count)
+    if mine and mine[0][1]:
+        return mine[0][1]
+    claimed = client.xautoclaim(stream, GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count)
+    if claimed and claimed[1]:
+        return claimed[1]
+    fresh = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
+    return fresh[0][1] if fresh else []
+
+
+def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | None = 1000) -> int:
+    """Write one batch; returns how many entries were handled (0 when the stream is idle)."""
+    client = get_redis()
+    consumer = consumer or default_consumer()
+    ensure_group(client)
+    entries = _read(client, consumer, count, block_ms)
+    if not entries:
+        return 0
+    ids, rows = [], []
+    for entry_id, fields in entries:
+        ids.append(entry_id)
+        payload = fields.get(b"row") if fields else None
+        if payload is None:
+            continue  # an entry deleted under us: nothing to write
+        try:
+            rows.append(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            log.error("dropping a malformed usage entry", extra={"entry": entry_id.decode()})
+    if rows:
+        write_rows(rows)
+    with client.pipeline(transaction=True) as pipe:
+        pipe.xack(stream_name(), GROUP, *ids)
+        pipe.xdel(stream_name(), *ids)
+        pipe.execute()
+    return len(ids)
+
+
+def drain_all(consumer: str | None = None) -> int:
+    """Drain until the stream is empty (tests, shutdown)."""
+    total = 0
+    while handled := drain_once(consumer, block_ms=None):
+        total += handled
+    return total

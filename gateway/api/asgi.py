@@ -1,0 +1,58 @@
+"""The HTTP entry point: the gateway's hot paths here, everything else to Django."""
+
+from __future__ import annotations
+
+import logging
+
+from .chat import chat_completions, health, list_models, retrieve_model
+from .errors import GatewayError
+from .http import Request, send_error
+
+log = logging.getLogger("gateway.http")
+
+HOT_ROUTES = {
+    "/v1/chat/completions": chat_completions,
+    "/v1/models": list_models,
+    "/health": health,
+}
+PREFIX_ROUTES = (("/v1/models/", retrieve_model),)
+
+
+class GatewayHTTP:
+    """An ASGI app: our async handlers for the hot paths, Django for admin, DRF and the rest."""
+
+    def __init__(self, django_app) -> None:
+        self.django_app = django_app
+
+    def _handler(self, path: str):
+        handler = HOT_ROUTES.get(path) or HOT_ROUTES.get(path.rstrip("/"))
+        if handler is None:
+            for prefix, candidate in PREFIX_ROUTES:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    return candidate
+        return handler
+
+    async def __call__(self, scope, receive, send) -> None:
+        handler = self._handler(scope["path"])
+        if handler is None:
+            return await self.django_app(scope, receive, send)
+        request = Request(scope)
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await handler(request, receive, tracking_send)
+        except GatewayError as exc:
+            if not started:
+                await send_error(send, exc, request.request_id)
+        except ConnectionError:
+            return  # the client left before we answered
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request.request_id, "path": request.path})
+            if not started:
+                await send_error(send, GatewayError(500, "The platform hit an internal error; it has been logged.", code="internal_error"), request.request_id)

@@ -1,0 +1,130 @@
+"""The hot path's handlers: /v1/chat/completions (JSON and SSE) and /v1/models.
+
+Plain async ASGI handlers, no Django request/response objects, no middleware, no thread hops
+(../shared/DEPENDENCIES.md: Django's handler spends ~30% of a request in thread machinery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from django.conf import settings
+
+from tenants.auth import AuthenticationFailed, authenticate, extract_key
+from tenants.principal import Principal
+
+from ..routing import routes
+from ..service import CallContext, open_call, resolve_route
+from .errors import GatewayError, method_not_allowed
+from .http import JSON, Request, header_list, send_error, send_json
+from .validation import parse_json, validate_chat
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+SSE = b"text/event-stream; charset=utf-8"
+DONE = b"data: [DONE]\n\n"
+
+
+async def principal_of(request: Request) -> Principal:
+    try:
+        key = extract_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        return await authenticate(key)
+    except AuthenticationFailed as exc:
+        raise GatewayError(401, exc.reason, code=exc.code) from None
+
+
+async def chat_completions(request: Request, receive, send) -> None:
+    if request.method != "POST":
+        raise method_not_allowed(request.method, request.path)
+    body = await request.read_body(receive, settings.GATEWAY["MAX_BODY_BYTES"])
+    principal = await principal_of(request)
+    req = validate_chat(parse_json(body), request.headers.get("x-feature"))
+    ctx = CallContext(request.request_id)
+    respond = _stream if req.stream else _complete
+    await until_disconnect(respond(request, send, principal, req, ctx), receive)
+
+
+async def _complete(request: Request, send, principal, req, ctx: CallContext) -> None:
+    async with open_call(principal, req, ctx) as call:
+        completion = await call.complete()
+        upstream = call.outcome.upstream_model or call.lane.upstream_model
+        await send_json(send, 200, completion.data, request.request_id, {"x-upstream-model": upstream})
+
+
+async def _stream(request: Request, send, principal, req, ctx: CallContext) -> None:
+    async with open_call(principal, req, ctx) as call:
+        chunks = call.stream()
+        # The first chunk decides the status: a provider refusal before it is a plain JSON error.
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        extra = dict(SSE_HEADERS)
+        extra["x-upstream-model"] = call.lane.upstream_model
+        await send({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
+        try:
+            if first is not None:
+                await send({"type": "http.response.body", "body": b"data: " + first.data + b"\n\n", "more_body": True})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": b"data: " + chunk.data + b"\n\n", "more_body": True})
+        except GatewayError as exc:
+            # After the first byte the status is sent: end with an error event, never silently.
+            call.fail(exc)
+            call.partial = True
+            await send({"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": False})
+            return
+        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+
+
+def _model_entry(route) -> dict:
+    return {"id": route.model, "object": "model", "created": route.created, "owned_by": route.owned_by}
+
+
+async def list_models(request: Request, receive, send) -> None:
+    if request.method != "GET":
+        raise method_not_allowed(request.method, request.path)
+    principal = await principal_of(request)
+    table = await routes.snapshot()
+    data = [_model_entry(r) for name, r in sorted(table.items()) if principal.may_use(name)]
+    await send_json(send, 200, orjson.dumps({"object": "list", "data": data}), request.request_id)
+
+
+async def retrieve_model(request: Request, receive, send) -> None:
+    if request.method != "GET":
+        raise method_not_allowed(request.method, request.path)
+    principal = await principal_of(request)
+    name = request.path[len("/v1/models/"):]
+    from ..types import ChatRequest
+
+    route = await resolve_route(principal, ChatRequest(model=name, messages=[]))
+    await send_json(send, 200, orjson.dumps(_model_entry(route)), request.request_id)
+
+
+async def health(request: Request, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, JSON)})
+    await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+
+
+async def until_disconnect(work, receive) -> None:
+    """Run the handler; if the client hangs up first, cancel it (and so the upstream call)."""
+    handler = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not handler.done():
+            handler.cancel()
+        watcher.cancel()
+    try:
+        await handler
+    except asyncio.CancelledError:
+        if not watcher.cancelled() and watcher.done():
+            return  # the client left: nothing more to send
+        raise

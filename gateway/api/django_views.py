@@ -1,0 +1,96 @@
+"""Django-served endpoints: readiness, operator status, and OpenAI-shaped error pages."""
+
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.http import require_GET
+
+from .errors import GatewayError, not_found_error
+
+
+def _error_response(exc: GatewayError) -> JsonResponse:
+    response = JsonResponse(exc.to_dict(), status=exc.status)
+    for key, value in exc.headers.items():
+        response[key] = value
+    return response
+
+
+def _is_api(request: HttpRequest) -> bool:
+    return request.path.startswith("/v1/") or request.path == "/v1"
+
+
+def handler404(request, exception=None):
+    if _is_api(request) or "application/json" in request.headers.get("accept", ""):
+        return _error_response(not_found_error(request.path))
+    from django.views.defaults import page_not_found
+
+    return page_not_found(request, exception)
+
+
+def handler500(request):
+    if _is_api(request):
+        return _error_response(GatewayError(500, "The platform hit an internal error; it has been logged.", code="internal_error"))
+    from django.views.defaults import server_error
+
+    return server_error(request)
+
+
+def _check_database() -> str | None:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return None
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def _check_redis() -> str | None:
+    from llm_platform.redis import get_redis
+
+    try:
+        get_redis().ping()
+        return None
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@require_GET
+def ready(request: HttpRequest) -> JsonResponse:
+    """PostgreSQL and Redis reachable; load balancers take us out of rotation on 503."""
+    checks = {"postgres": _check_database(), "redis": _check_redis()}
+    ok = all(v is None for v in checks.values())
+    body = {"status": "ready" if ok else "unavailable",
+            "checks": {k: "ok" if v is None else f"error: {v}" for k, v in checks.items()}}
+    response = JsonResponse(body, status=200 if ok else 503)
+    if not ok:
+        response["Retry-After"] = "5"
+    return response
+
+
+def _operator(request: HttpRequest) -> bool:
+    token = settings.GATEWAY["STATUS_TOKEN"]
+    if token and request.headers.get("authorization") == f"Bearer {token}":
+        return True
+    user = getattr(request, "user", None)
+    return bool(user and user.is_authenticated and user.is_staff)
+
+
+@require_GET
+def status(request: HttpRequest) -> JsonResponse:
+    """Per-lane configuration and reachability, for operators (staff session or status token)."""
+    if not _operator(request):
+        return _error_response(GatewayError(403, "The status page is for operators: log in to admin or send the status token.", code="forbidden"))
+    from gateway.status import lane_status
+
+    started = time.perf_counter()
+    lanes = lane_status()
+    return JsonResponse({
+        "postgres": _check_database() or "ok",
+        "redis": _check_redis() or "ok",
+        "lanes": lanes,
+        "took_ms": round((time.perf_counter() - started) * 1000, 1),
+    })

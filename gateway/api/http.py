@@ -1,0 +1,81 @@
+"""The few HTTP primitives the ASGI hot path needs: a parsed request and response senders."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import orjson
+
+from .errors import GatewayError
+
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+JSON = b"application/json"
+
+
+def request_id_from(value: str | None) -> str:
+    """A client's X-Request-ID is echoed if it is sane; otherwise a fresh one."""
+    if value and _SANE_ID.match(value):
+        return value
+    return f"req_{uuid.uuid4().hex}"
+
+
+class Request:
+    __slots__ = ("scope", "method", "path", "headers", "body", "request_id")
+
+    def __init__(self, scope: dict) -> None:
+        self.scope = scope
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.headers: dict[str, str] = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        self.body = b""
+        self.request_id = request_id_from(self.headers.get("x-request-id"))
+
+    @property
+    def client_ip(self) -> str:
+        client = self.scope.get("client")
+        return client[0] if client else ""
+
+    async def read_body(self, receive, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise GatewayError(413, f"The request body is too large: at most {limit} bytes.", code="request_too_large")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError("client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise GatewayError(413, f"The request body is too large: at most {limit} bytes.", code="request_too_large")
+            parts.append(chunk)
+            if not message.get("more_body"):
+                break
+        self.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        return self.body
+
+
+def header_list(request_id: str, content_type: bytes, extra: dict[str, str] | None = None) -> list:
+    headers = [(b"content-type", content_type), (b"x-request-id", request_id.encode())]
+    if extra:
+        headers.extend((k.lower().encode(), str(v).encode()) for k, v in extra.items())
+    return headers
+
+
+async def send_json(send, status: int, body: bytes, request_id: str, extra: dict | None = None) -> None:
+    headers = header_list(request_id, JSON, extra)
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send, exc: GatewayError, request_id: str) -> None:
+    await send_json(send, exc.status, exc.body(), request_id, exc.headers)
+
+
+def dumps(obj) -> bytes:
+    return orjson.dumps(obj)

@@ -1,0 +1,44 @@
+"""ASGI lifespan: warm what the first request would otherwise pay for; drain on shutdown."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("gateway.lifespan")
+
+
+async def startup() -> None:
+    from asgiref.sync import sync_to_async
+
+    from ..routing import routes
+    from ..tokens import encoding
+
+    await sync_to_async(encoding, thread_sensitive=False)("o200k_base")
+    try:
+        await routes.snapshot()
+    except Exception:  # the database may come up after us; the first request retries
+        log.warning("route table not loaded at startup; will retry on first request")
+
+
+async def shutdown() -> None:
+    from ..providers.base import close_all
+    from ..service import drain_settling
+
+    await drain_settling()
+    await close_all()
+
+
+async def lifespan(scope, receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            try:
+                await startup()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,149 @@
+"""The normalized request and results every front door and provider adapter share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Parameters forwarded to providers (everything else a client sends is ignored, not refused).
+PASSTHROUGH_PARAMS = (
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "reasoning_effort",
+)
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated chat request in OpenAI's vocabulary (the platform's lingua franca)."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None
+    feature: str | None = None
+    metadata: dict[str, str] | None = None
+
+    @property
+    def tools(self) -> list[dict] | None:
+        return self.params.get("tools")
+
+    @property
+    def stop(self) -> list[str]:
+        stop = self.params.get("stop")
+        if stop is None:
+            return []
+        return [stop] if isinstance(stop, str) else list(stop)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_openai(self) -> dict:
+        data: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+        return data
+
+    @classmethod
+    def from_openai(cls, data: dict | None) -> Usage | None:
+        if not data:
+            return None
+        details = data.get("prompt_tokens_details") or {}
+        return cls(
+            prompt_tokens=int(data.get("prompt_tokens") or 0),
+            completion_tokens=int(data.get("completion_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+        )
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a provider call reported, filled in by the adapter as the call proceeds."""
+
+    provider_request_id: str | None = None
+    upstream_model: str | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    first_token_at: float | None = None  # perf_counter() when the first content arrived
+    completion_text_parts: list[str] | None = None  # kept only when the tenant stores content
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One `chat.completion.chunk`: pre-serialized bytes when forwarded as-is, else a dict."""
+
+    raw: bytes | None = None
+    obj: dict | None = None
+    usage_only: bool = False  # the final usage chunk (choices == [])
+
+    @property
+    def data(self) -> bytes:
+        if self.raw is None:
+            self.raw = orjson.dumps(self.obj)
+        return self.raw
+
+    @property
+    def as_dict(self) -> dict:
+        if self.obj is None:
+            self.obj = orjson.loads(self.raw)
+        return self.obj
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole `chat.completion`: upstream bytes forwarded as-is when unchanged, else a dict."""
+
+    raw: bytes | None = None
+    obj: dict | None = None
+
+    @property
+    def data(self) -> bytes:
+        if self.raw is None:
+            self.raw = orjson.dumps(self.obj)
+        return self.raw
+
+    @property
+    def as_dict(self) -> dict:
+        if self.obj is None:
+            self.obj = orjson.loads(self.raw)
+        return self.obj
+
+
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+
+
+def openai_finish_reason(value: str | None) -> str | None:
+    """Whatever a provider said, one of OpenAI's values (unknown values read as `stop`)."""
+    if value is None:
+        return None
+    return value if value in FINISH_REASONS else "stop"

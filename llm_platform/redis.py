@@ -1,0 +1,46 @@
+"""Shared Redis clients: one connection pool per process (per event loop for asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+_sync_client: redis.Redis | None = None
+_async_clients: dict[int, aioredis.Redis] = {}
+_lock = threading.Lock()
+
+SOCKET_TIMEOUT = 2.0  # a Redis that stops answering must fail fast, not hang the request
+
+
+def get_redis() -> redis.Redis:
+    global _sync_client
+    if _sync_client is None:
+        with _lock:
+            if _sync_client is None:
+                _sync_client = redis.Redis.from_url(
+                    settings.REDIS_URL,
+                    socket_timeout=SOCKET_TIMEOUT,
+                    socket_connect_timeout=SOCKET_TIMEOUT,
+                    health_check_interval=30,
+                )
+    return _sync_client
+
+
+def get_async_redis() -> aioredis.Redis:
+    """The asyncio client bound to the running loop (clients cannot cross event loops)."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _async_clients.get(loop_id)
+    if client is None:
+        client = aioredis.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            health_check_interval=30,
+            max_connections=512,
+        )
+        _async_clients[loop_id] = client
+    return client

@@ -1,0 +1,23 @@
+from tenants.services import create_tenant
+
+from ._base import OperatorCommand
+
+
+class Command(OperatorCommand):
+    help = "Create a tenant (and its tier, with generous defaults, if the tier does not exist)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("slug")
+        parser.add_argument("--name", default=None)
+        parser.add_argument("--tier", default="default")
+
+    def handle(self, slug, name, tier, **options):
+        from django.core.exceptions import ValidationError
+
+        from tenants.services import TenantError
+
+        try:
+            tenant = create_tenant(slug, name=name, tier=tier)
+        except ValidationError as exc:
+            raise TenantError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items()))
+        self.stdout.write(f"created tenant {tenant.slug} (tier {tenant.tier.name})")
