@@ -11,6 +11,7 @@ from .errors import GatewayError
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON = b"application/json"
+DRAIN_LIMIT_FACTOR = 16
 
 
 def request_id_from(value: str | None) -> str:
@@ -39,11 +40,10 @@ class Request:
         return client[0] if client else ""
 
     async def read_body(self, receive, limit: int) -> bytes:
-        declared = self.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise GatewayError(413, f"The request body is too large: at most {limit} bytes.", code="request_too_large")
         parts: list[bytes] = []
         size = 0
+        declared = self.headers.get("content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > limit
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -51,10 +51,15 @@ class Request:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise GatewayError(413, f"The request body is too large: at most {limit} bytes.", code="request_too_large")
-            parts.append(chunk)
-            if not message.get("more_body"):
+                too_large = True
+            if not too_large:
+                parts.append(chunk)
+            # An oversized body is read and dropped (up to a bound) so the client, still
+            # sending, gets to read our 413 instead of a connection reset.
+            if not message.get("more_body") or size > DRAIN_LIMIT_FACTOR * limit:
                 break
+        if too_large:
+            raise GatewayError(413, f"The request body is too large: at most {limit} bytes.", code="request_too_large")
         self.body = parts[0] if len(parts) == 1 else b"".join(parts)
         return self.body
 

@@ -61,22 +61,21 @@ def _invalid(message: str, param: str) -> GatewayError:
     return GatewayError(400, message, param=param, code="unsupported_content")
 
 
-def _text_of(content: Any, param: str) -> str:
-    """The text of a system/developer/tool message: a string or its text parts, joined."""
+def _texts(content: Any, param: str) -> list[str]:
+    """The non-empty texts of a system/developer/tool message (a string or text parts)."""
     if isinstance(content, str):
-        return content
+        return [content] if content else []
     if not isinstance(content, list):
-        return ""
+        return []
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type")
-        if kind == "text":
-            texts.append(part["text"])
-        elif kind == "refusal":
-            texts.append(str(part.get("refusal") or ""))
-        else:
-            raise _invalid(f"'{param}[{j}]': only text parts are supported here for Anthropic models.", f"{param}[{j}].type")
-    return "".join(texts) if param.endswith("tool") else "\n\n".join(t for t in texts if t)
+        if kind not in ("text", "refusal"):
+            raise _invalid(f"'{param}[{j}]': only text parts are supported here by Anthropic models.", f"{param}[{j}].type")
+        text = part["text"] if kind == "text" else str(part.get("refusal") or "")
+        if text:
+            texts.append(text)
+    return texts
 
 
 def _data_url(url: str, param: str) -> tuple[str, str]:
@@ -177,9 +176,7 @@ def map_messages(messages: list[dict]) -> tuple[str | None, list[dict]]:
         content = message.get("content")
         param = f"messages[{i}].content"
         if role in ("system", "developer"):
-            text = _text_of(content, param)
-            if text:
-                system.append(text)
+            system.extend(_texts(content, param))
         elif role == "user":
             _append(out, "user", _content_blocks(content, param))
         elif role == "assistant":
@@ -205,7 +202,7 @@ def map_messages(messages: list[dict]) -> tuple[str | None, list[dict]]:
         elif role in ("tool", "function"):
             call_id = message.get("tool_call_id") if role == "tool" else legacy_call_id
             result: dict[str, Any] = {"type": "tool_result", "tool_use_id": call_id or f"toolu_fc_{i}"}
-            text = _text_of(content, f"{param}.tool")
+            text = "\n".join(_texts(content, param))
             if text:
                 result["content"] = text
             _append(out, "user", [result])
@@ -348,6 +345,26 @@ class StreamMapper:
             self.outcome.completion_text_parts.append(text)
         return self._chunk(delta)
 
+    def _record_usage(self, usage: Any) -> None:
+        """message_start carries the input counts; message_delta the cumulative output count
+        (and, on newer API versions, the input counts again: any it omits are kept)."""
+        previous = self.usage
+        fresh_input = previous.prompt_tokens - previous.cached_tokens - previous.cache_creation_tokens
+
+        def pick(name: str, old: int) -> int:
+            value = getattr(usage, name, None)
+            return old if value is None else value
+
+        read = pick("cache_read_input_tokens", previous.cached_tokens)
+        created = pick("cache_creation_input_tokens", previous.cache_creation_tokens)
+        self.usage = Usage(
+            prompt_tokens=pick("input_tokens", fresh_input) + read + created,
+            completion_tokens=pick("output_tokens", previous.completion_tokens),
+            cached_tokens=read,
+            cache_creation_tokens=created,
+        )
+        self.outcome.usage = self.usage
+
     def usage_chunk(self) -> dict:
         return {
             "id": self.id,
@@ -359,21 +376,23 @@ class StreamMapper:
         }
 
     def feed(self, event: Any) -> dict | None:
-        """The chunk for one event, or None for events OpenAI has no word for (pings, stops,
-        thinking deltas, empty fragments)."""
+        """The chunk for one event, or None for events OpenAI has no word for (pings, block
+        stops, thinking deltas, empty fragments)."""
         kind = event.type
         if kind == "content_block_delta":
             delta = event.delta
             if delta.type == "text_delta":
                 return self._content({"content": delta.text}) if delta.text else None
             if delta.type == "input_json_delta" and event.index in self.tool_index and delta.partial_json:
-                return self._content({"tool_calls": [{"index": self.tool_index[event.index], "function": {"arguments": delta.partial_json}}]})
+                k = self.tool_index[event.index]
+                return self._content({"tool_calls": [{"index": k, "function": {"arguments": delta.partial_json}}]})
             return None
         if kind == "content_block_start":
             block = event.content_block
             if block.type == "tool_use":
                 k = self.tool_index[event.index] = len(self.tool_index)
-                return self._content({"tool_calls": [{"index": k, "id": block.id, "type": "function", "function": {"name": block.name, "arguments": ""}}]})
+                call = {"index": k, "id": block.id, "type": "function", "function": {"name": block.name, "arguments": ""}}
+                return self._content({"tool_calls": [call]})
             if block.type == "text" and block.text:
                 return self._content({"content": block.text})
             return None
@@ -382,16 +401,10 @@ class StreamMapper:
             self.id = f"chatcmpl-{message.id}"
             self.model = message.model or self.model
             self.outcome.upstream_model = self.model
-            self.usage = usage_from_anthropic(message.usage)
-            self.outcome.usage = self.usage
+            self._record_usage(message.usage)
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "message_delta":
-            usage = event.usage
-            read = usage.cache_read_input_tokens if usage.cache_read_input_tokens is not None else self.usage.cached_tokens
-            created = usage.cache_creation_input_tokens if usage.cache_creation_input_tokens is not None else self.usage.cache_creation_tokens
-            fresh = usage.input_tokens if usage.input_tokens is not None else self.usage.prompt_tokens - self.usage.cached_tokens - self.usage.cache_creation_tokens
-            self.usage = Usage(fresh + read + created, usage.output_tokens, cached_tokens=read, cache_creation_tokens=created)
-            self.outcome.usage = self.usage
+            self._record_usage(event.usage)
             finish = finish_reason_for(event.delta.stop_reason) or "stop"
             self.outcome.finish_reason = finish
             return self._chunk({}, finish)
@@ -437,7 +450,7 @@ class AnthropicProvider(Provider):
         except anthropic.APIConnectionError as exc:
             cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "connection error"
             raise UpstreamError(502, f"Could not reach the provider '{self.kind}': {cause}.", code="upstream_unreachable", retryable=True) from None
-        except (anthropic.APIResponseValidationError, ValueError):
+        except (anthropic.APIResponseValidationError, json.JSONDecodeError):
             raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed answer.", code="upstream_malformed", retryable=True) from None
 
     async def complete(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> Completion:
@@ -467,11 +480,11 @@ class AnthropicProvider(Provider):
             raise UpstreamError(502, f"The provider '{self.kind}' reported an error mid-stream: {scrub(exc.api_message or str(exc.type))}", code="upstream_stream_error") from None
         except (anthropic.APIConnectionError, httpx2.HTTPError, httpx2.StreamError):
             raise UpstreamError(502, f"The provider '{self.kind}' stream broke off.", code="upstream_stream_cut") from None
-        except ValueError:  # an event that is not JSON
+        except json.JSONDecodeError:  # an event that is not JSON
             raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed stream event.", code="upstream_malformed") from None
         finally:
             # Closing an unfinished response drops the connection, so the provider stops generating.
-            await upstream.close()
+            pass
         if not mapper.finished:
             raise UpstreamError(502, f"The provider '{self.kind}' stream ended before it was complete.", code="upstream_stream_cut")
         yield Chunk(obj=mapper.usage_chunk(), usage_only=True)

@@ -1,151 +1,30 @@
-"""A fake OpenAI Chat Completions server speaking the real wire protocol (JSON and SSE).
+"""A fake OpenAI upstream: ``POST /v1/chat/completions`` (JSON and SSE) and ``GET /v1/models``.
 
-Replies are deterministic: ``"Echo: <last user text>"`` (directives removed), split into
-``chunks`` slices. Usage: prompt_tokens = words of every message + 3 per message
-(+ cached and cache-write tokens asked for with ``[[cache:R]]`` / ``[[cache:R,W]]``);
-completion_tokens = number of slices sent, per choice.
+What it answers is described in ``openai_wire``; how to steer it (directives, the
+``X-Fake-Fault`` header, settings) in ``harness`` and ``directives``.
+``python -m tests.support.fake_openai --port 8001 --chunks 20`` serves it standalone.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
 import orjson
 from aiohttp import web
 
-from tests.support.directives import (
-    DirectiveError,
-    Directives,
-    Faults,
-    split_even,
-    strip_directives,
-    truncate_at_stop,
-    word_count,
-)
+from tests.support import openai_wire as wire
+from tests.support.directives import DirectiveError, Faults
 from tests.support.harness import RECORD, FakeServer, json_response, loads, new_id
+from tests.support.openai_wire import count_prompt_tokens
 
-FINGERPRINT = "fp_fake0001"
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-# Anthropic stop reasons map onto OpenAI finish reasons, so one prompt drives both fakes.
-FINISH_ALIASES = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "max_tokens": "length",
-    "refusal": "content_filter",
-    "tool_use": "tool_calls",
-}
-STATUS_ERRORS: dict[int, tuple[str, str, str | None]] = {
-    400: ("Invalid request (fake fault).", "invalid_request_error", None),
-    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
-    403: ("You are not allowed to sample from this model.", "invalid_request_error", None),
-    404: ("The model does not exist or you do not have access to it.", "invalid_request_error", "model_not_found"),
-    408: ("Request timed out.", "timeout", None),
-    409: ("Conflict.", "invalid_request_error", None),
-    422: ("Unprocessable request.", "invalid_request_error", None),
-    429: ("Rate limit reached for requests. Please try again in 1s.", "requests", "rate_limit_exceeded"),
-    500: ("The server had an error while processing your request. Sorry about that!", "server_error", None),
-    502: ("Bad gateway.", "server_error", None),
-    503: ("The engine is currently overloaded, please try again later.", "server_error", None),
-    504: ("Gateway timeout.", "server_error", None),
-    529: ("The server is overloaded.", "server_error", "overloaded"),
-}
+__all__ = ["FakeOpenAI", "count_prompt_tokens"]
 
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def content_text(content: Any) -> str:
-    """Text of a message's ``content``: a string or a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("text"))
-    return ""
-
-
-def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """The fake's deterministic prompt size: words of all message texts + 3 per message."""
-    return sum(word_count(content_text(m.get("content"))) + 3 for m in messages)
-
-
-def source_message(messages: Any) -> tuple[str, bool]:
-    """Text the reply echoes and whether it came from a tool result."""
-    if not isinstance(messages, list):
-        return "", False
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") in ("user", "tool"):
-            return content_text(message.get("content")), message["role"] == "tool"
-    return "", False
-
-
-def validate(body: Any) -> tuple[str, str | None, str | None] | None:
-    """The first problem OpenAI would report, as (message, param, code)."""
-    if not isinstance(body, dict):
-        return ("We could not parse the JSON body of your request.", None, None)
-    if not body.get("model"):
-        return ("you must provide a model parameter", None, None)
-    messages = body.get("messages")
-    if messages is None:
-        return ("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        return ("Invalid 'messages': empty array. Expected an array with minimum length 1.", "messages", "empty_array")
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
-            return (f"Invalid value: {role!r}. Supported values are: {', '.join(ROLES)}.", f"messages[{i}].role", "invalid_value")
-    for name in ("max_tokens", "max_completion_tokens", "n"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            return (f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {value} instead.", name, "integer_below_min_value")
-    if body.get("stream_options") is not None and not body.get("stream"):
-        return ("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options", None)
-    return None
-
-
-@dataclass(slots=True)
-class ToolCall:
-    id: str
-    name: str
-    fragments: list[str]
-
-
-@dataclass(slots=True)
-class Plan:
-    """One choice's answer, before it is rendered as JSON or SSE."""
-
-    pieces: list[str] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish: str = "stop"
-
-    @property
-    def tokens(self) -> int:
-        return len(self.pieces) + sum(len(t.fragments) for t in self.tool_calls)
-
-
-def chosen_tools(body: dict[str, Any], directives: Directives, from_tool: bool) -> list[str]:
-    """Tool names to call: a named ``tool_choice``, ``required``, or ``[[tool:NAME]]``."""
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if not tools or choice == "none":
-        return []
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        return [name] if name else []
-    if directives.tools:
-        return list(directives.tools)
-    if choice == "required" and not from_tool:
-        first = tools[0].get("function", {}).get("name") if isinstance(tools[0], dict) else None
-        return [first] if first else []
-    return []
+MODEL_CREATED = 1715367049
 
 
 class FakeOpenAI(FakeServer):
-    """Fake ``/v1/chat/completions`` and ``/v1/models``; see the module docstring."""
+    """Fake OpenAI Chat Completions; ``sdk_base_url`` is what ``openai.OpenAI`` takes."""
 
     vendor = "openai"
     sdk_suffix = "/v1"
@@ -159,50 +38,47 @@ class FakeOpenAI(FakeServer):
             web.get("/v1/models/{model}", self.get_model),
         ]
 
-    # -- helpers ----------------------------------------------------------------------------
-
+    @staticmethod
     def error(
-        self,
         status: int,
         message: str,
-        type_: str,
         headers: dict[str, str],
         *,
+        type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
     ) -> web.Response:
-        return json_response(error_body(message, type_, param, code), status=status, headers=headers)
+        body = wire.error_body(message, type_, param, code)
+        return json_response(body, status=status, headers=headers)
 
     def auth_error(self, request: web.Request, headers: dict[str, str]) -> web.Response | None:
         auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or not auth[7:].strip():
+        key = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        if not key:
             return self.error(
                 401,
                 "You didn't provide an API key. You need to provide your API key in an "
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                "invalid_request_error",
                 headers,
             )
-        if self.api_key is not None and auth[7:] != self.api_key:
-            return self.error(401, "Incorrect API key provided.", "invalid_request_error", headers, code="invalid_api_key")
+        if self.api_key is not None and key != self.api_key:
+            return self.error(401, "Incorrect API key provided.", headers, code="invalid_api_key")
         return None
 
     def status_fault(self, faults: Faults, headers: dict[str, str]) -> web.Response:
         status = faults.status or 500
-        message, type_, code = STATUS_ERRORS[status]
+        message, type_, code = wire.STATUS_ERRORS[status]
         if status == 429:
             headers["retry-after"] = str(max(1, -(-faults.retry_after_ms // 1000)))
             headers["retry-after-ms"] = str(faults.retry_after_ms)
             headers["x-ratelimit-remaining-requests"] = "0"
-        return self.error(status, message, type_, headers, code=code)
-
-    # -- endpoints --------------------------------------------------------------------------
+        return self.error(status, message, headers, type_=type_, code=code)
 
     async def list_models(self, request: web.Request) -> web.Response:
         headers = {"x-request-id": new_id("req_", 16)}
         if (denied := self.auth_error(request, headers)) is not None:
             return denied
-        data = [{"id": m, "object": "model", "created": 1715367049, "owned_by": "system"} for m in self.models]
+        data = [self.model_object(m) for m in self.models]
         return json_response({"object": "list", "data": data}, headers=headers)
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -211,178 +87,54 @@ class FakeOpenAI(FakeServer):
             return denied
         model = request.match_info["model"]
         if model not in self.models:
-            return self.error(404, f"The model '{model}' does not exist", "invalid_request_error", headers, param="model", code="model_not_found")
-        return json_response({"id": model, "object": "model", "created": 1715367049, "owned_by": "system"}, headers=headers)
+            message = f"The model '{model}' does not exist"
+            return self.error(404, message, headers, param="model", code="model_not_found")
+        return json_response(self.model_object(model), headers=headers)
+
+    @staticmethod
+    def model_object(model: str) -> dict[str, object]:
+        return {"id": model, "object": "model", "created": MODEL_CREATED, "owned_by": "system"}
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = loads(raw)
         self._record(request, body, raw)
         headers = {"x-request-id": new_id("req_", 16), "openai-processing-ms": "1"}
-        text, from_tool = source_message(body.get("messages") if isinstance(body, dict) else None)
+        messages = body.get("messages") if isinstance(body, dict) else None
+        text, from_tool = wire.source_message(messages)
         try:
             directives = self.directives_in(text)
             faults = self.faults_for(request, directives)
         except DirectiveError as exc:
-            return self.error(400, f"fake: {exc}", "invalid_request_error", headers)
+            return self.error(400, f"fake: {exc}", headers)
         await self.wait_before_answer(faults)
         if (denied := self.auth_error(request, headers)) is not None:
             return denied
         if faults.status:
             return self.status_fault(faults, headers)
-        if (problem := validate(body)) is not None:
+        if (problem := wire.validate(body)) is not None:
             message, param, code = problem
-            return self.error(400, message, "invalid_request_error", headers, param=param, code=code)
+            return self.error(400, message, headers, param=param, code=code)
 
-        n = body.get("n") or 1
-        plans = [self.plan(body, text, from_tool, directives, faults) for _ in range(n)]
-        usage = self.usage(body["messages"], directives, sum(p.tokens for p in plans))
-        cid = new_id("chatcmpl-")
-        created = int(time.time())
+        plans = [
+            wire.plan_choice(body, text, from_tool, directives, faults, self.chunks)
+            for _ in range(body.get("n") or 1)
+        ]
+        usage = wire.usage(body["messages"], directives, sum(p.tokens for p in plans))
+        cid, created, model = new_id("chatcmpl-"), int(time.time()), body["model"]
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = self.stream_events(cid, created, body["model"], plans, usage if include_usage else None, faults)
+            events = wire.stream_events(
+                cid, created, model, plans, usage if include_usage else None, faults
+            )
             return await self.send_stream(request, events, faults, headers)
-        payload = orjson.dumps(self.completion(cid, created, body["model"], plans, usage))
+        payload = orjson.dumps(wire.completion(cid, created, model, plans, usage))
         if faults.cut_after is not None:
             return await self.send_cut_body(request, payload, headers)
         if faults.malformed:
             request[RECORD].outcome = "malformed"
             payload = payload[: len(payload) // 2]
         return web.Response(body=payload, headers=headers, content_type="application/json")
-
-    # -- answer building --------------------------------------------------------------------
-
-    def plan(self, body: dict[str, Any], text: str, from_tool: bool, directives: Directives, faults: Faults) -> Plan:
-        """Decide content or tool calls, truncation and the finish reason for one choice."""
-        chunks = directives.chunks or self.chunks
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        plan = Plan()
-        if faults.empty:
-            return plan
-        clean = strip_directives(text)
-        if names := chosen_tools(body, directives, from_tool):
-            arguments = json.dumps({"q": clean})
-            plan.tool_calls = [ToolCall(new_id("call_"), name, split_even(arguments, chunks)) for name in names]
-            plan.finish = "tool_calls"
-            if limit is not None and plan.tokens > limit:
-                budget = limit
-                for call in plan.tool_calls:
-                    call.fragments, budget = call.fragments[:budget], max(0, budget - len(call.fragments))
-                plan.finish = "length"
-        else:
-            stops = body.get("stop")
-            content = f"Echo: tool said {clean}" if from_tool else f"Echo: {clean}"
-            content, _ = truncate_at_stop(content, [stops] if isinstance(stops, str) else stops or [])
-            plan.pieces = split_even(content, chunks)
-            if limit is not None and len(plan.pieces) > limit:
-                plan.pieces = plan.pieces[:limit]
-                plan.finish = "length"
-        if directives.stop:
-            plan.finish = FINISH_ALIASES.get(directives.stop, directives.stop)
-        return plan
-
-    def usage(self, messages: list[dict[str, Any]], directives: Directives, completion: int) -> dict[str, Any]:
-        cached, written = directives.cache_read, directives.cache_write
-        prompt = count_prompt_tokens(messages) + cached + written
-        details: dict[str, int] = {"cached_tokens": cached, "audio_tokens": 0}
-        if written:
-            details["cache_write_tokens"] = written
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": details,
-            "completion_tokens_details": {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        }
-
-    @staticmethod
-    def completion(cid: str, created: int, model: str, plans: list[Plan], usage: dict[str, Any]) -> dict[str, Any]:
-        choices = []
-        for index, plan in enumerate(plans):
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(plan.pieces), "refusal": None, "annotations": []}
-            if plan.tool_calls:
-                message["content"] = None
-                message["tool_calls"] = [
-                    {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": "".join(t.fragments)}}
-                    for t in plan.tool_calls
-                ]
-            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": plan.finish})
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-            "usage": usage,
-            "service_tier": "default",
-            "system_fingerprint": FINGERPRINT,
-        }
-
-    @staticmethod
-    def stream_events(
-        cid: str,
-        created: int,
-        model: str,
-        plans: list[Plan],
-        usage: dict[str, Any] | None,
-        faults: Faults,
-    ) -> list[bytes]:
-        """Every SSE event of the stream, as OpenAI orders them, ending with ``[DONE]``."""
-        head = (
-            b'data: {"id":"' + cid.encode() + b'","object":"chat.completion.chunk","created":'
-            + str(created).encode() + b',"model":' + orjson.dumps(model)
-            + b',"service_tier":"default","system_fingerprint":"' + FINGERPRINT.encode() + b'","choices":'
-        )
-        tail = (b',"usage":null' if usage is not None else b"") + b"}\n\n"
-        chunk: Callable[[int, dict[str, Any], str | None], bytes] = lambda index, delta, finish: (  # noqa: E731
-            head + b'[{"index":' + str(index).encode() + b',"delta":' + orjson.dumps(delta)
-            + b',"logprobs":null,"finish_reason":' + orjson.dumps(finish) + b"}]" + tail
-        )
-        per_choice: list[list[bytes]] = []
-        for index, plan in enumerate(plans):
-            events: list[bytes] = []
-            if plan.tool_calls:
-                for k, call in enumerate(plan.tool_calls):
-                    opening: dict[str, Any] = {
-                        "tool_calls": [{"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]
-                    }
-                    if k == 0:
-                        opening = {"role": "assistant", "content": None, **opening, "refusal": None}
-                    events.append(chunk(index, opening, None))
-                    events.extend(
-                        chunk(index, {"tool_calls": [{"index": k, "function": {"arguments": f}}]}, None)
-                        for f in call.fragments
-                    )
-            else:
-                events.append(chunk(index, {"role": "assistant", "content": "", "refusal": None}, None))
-                events.extend(chunk(index, {"content": piece}, None) for piece in plan.pieces)
-            events.append(chunk(index, {}, plan.finish))
-            per_choice.append(events)
-        # With n > 1, OpenAI interleaves the choices' chunks.
-        out = [e for group in _zip_longest(per_choice) for e in group]
-        if usage is not None:
-            out.append(head + b"[]" + b',"usage":' + orjson.dumps(usage) + b"}\n\n")
-        if faults.malformed:
-            out.insert(min(2, len(out)), b'data: {"id": "' + cid.encode() + b'", "choices": [{"delta": {"content": "oops\n\n')
-        if faults.stream_error_after is not None:
-            err = error_body("The server had an error while processing your request.", "server_error")
-            return [*out[: faults.stream_error_after], b"data: " + orjson.dumps(err) + b"\n\n"]
-        out.append(b"data: [DONE]\n\n")
-        return out
-
-
-def _zip_longest(groups: list[list[bytes]]) -> Iterable[list[bytes]]:
-    if len(groups) == 1:
-        yield groups[0]
-        return
-    for i in range(max(len(g) for g in groups)):
-        yield [g[i] for g in groups if i < len(g)]
 
 
 if __name__ == "__main__":
