@@ -38,18 +38,6 @@ FINISH_REASONS: dict[str, str] = {
     "refusal": "content_filter",
 }
 
-# OpenAI parameters with no Anthropic counterpart: accepted by the front door, not forwarded.
-DROPPED_PARAMS = (
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "response_format",
-    "reasoning_effort",
-)
-
 # Prefixes of Anthropic's 400 messages that mean the prompt does not fit the model.
 _CONTEXT_MESSAGES = ("prompt is too long", "input length and `max_tokens` exceed context limit")
 
@@ -484,7 +472,7 @@ class AnthropicProvider(Provider):
             raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed stream event.", code="upstream_malformed") from None
         finally:
             # Closing an unfinished response drops the connection, so the provider stops generating.
-            pass
+            await upstream.close()
         if not mapper.finished:
             raise UpstreamError(502, f"The provider '{self.kind}' stream ended before it was complete.", code="upstream_stream_cut")
         yield Chunk(obj=mapper.usage_chunk(), usage_only=True)

@@ -41,6 +41,18 @@ class RecordedRequest:
 RECORD = web.RequestKey("fake_record", RecordedRequest)
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The constructor's settings, restored by ``reset()``."""
+
+    chunks: int
+    delay: float
+    fault: str | Sequence[str] | None
+    fault_times: int | None
+    api_key: str | None
+    timeout_seconds: float
+
+
 def new_id(prefix: str, nbytes: int = 12) -> str:
     return prefix + os.urandom(nbytes).hex()
 
@@ -87,14 +99,7 @@ class FakeServer:
     ) -> None:
         self.host = host
         self._requested_port = port
-        self._defaults = {
-            "chunks": chunks,
-            "delay": delay,
-            "fault": fault,
-            "fault_times": fault_times,
-            "api_key": api_key,
-            "timeout_seconds": timeout_seconds,
-        }
+        self._defaults = Settings(chunks, delay, fault, fault_times, api_key, timeout_seconds)
         self.record = record
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -111,12 +116,12 @@ class FakeServer:
 
     def _apply_defaults(self) -> None:
         d = self._defaults
-        self.chunks: int = d["chunks"]
-        self.delay: float = d["delay"]
-        self.fault = d["fault"]
-        self.fault_times: int | None = d["fault_times"]
-        self.api_key: str | None = d["api_key"]
-        self.timeout_seconds: float = d["timeout_seconds"]
+        self.chunks: int = d.chunks
+        self.delay: float = d.delay
+        self.fault = d.fault
+        self.fault_times: int | None = d.fault_times
+        self.api_key: str | None = d.api_key
+        self.timeout_seconds: float = d.timeout_seconds
         self.peak_in_flight = self.in_flight
         self.disconnects = 0
 
