@@ -1,9 +1,17 @@
 """Per-request directives and fault plans shared by the fake upstream servers.
 
-A test steers a fake by writing directives into the last user message, e.g.
-``"hello [[fault:429]] [[tool:get_weather]]"``, or by sending an ``X-Fake-Fault``
-header. Directives are stripped from the echoed reply, so a test can assert on
-``"Echo: hello"`` whatever it asked the fake to do.
+A test steers a fake by writing directives into the last user message (or tool result),
+e.g. ``"hello [[fault:429]] [[tool:get_weather]]"``. They are stripped from the echoed reply,
+so the answer is still ``"Echo: hello"``.
+
+- ``[[fault:KIND]]``: ``429`` / ``429:MS`` (``Retry-After`` rounded up to seconds and
+  ``retry-after-ms``), any of 400 401 403 404 408 409 422 500 502 503 504 529, ``timeout``,
+  ``slow_first_byte:MS``, ``drip:MS``, ``cut:K``, ``malformed``, ``empty``, ``stream_error:K``.
+  The same specs work in an ``X-Fake-Fault`` header, comma-separated.
+- ``[[tool:NAME]]``: answer with a call to NAME (repeat for parallel calls) when tools are sent.
+- ``[[stop:REASON]]``: force the finish/stop reason; OpenAI and Anthropic names both work.
+- ``[[cache:R]]`` / ``[[cache:R,C]]``: report R cache-read and C cache-write tokens.
+- ``[[chunks:N]]``: split this reply into N pieces instead of the server's ``chunks``.
 """
 
 from __future__ import annotations
@@ -34,10 +42,6 @@ class Faults:
     malformed: bool = False
     empty: bool = False
     stream_error_after: int | None = None
-
-    @property
-    def any(self) -> bool:
-        return self != _NO_FAULTS
 
     @property
     def shapes_stream(self) -> bool:
@@ -84,7 +88,7 @@ class Faults:
         return out
 
 
-_NO_FAULTS = Faults()
+NO_FAULTS = Faults()  # shared by every fault-free request; never mutated
 
 
 def parse_faults(value: str | Iterable[str] | None) -> Faults:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from tests.support import anthropic_wire as wire
 from tests.support.anthropic_wire import count_input_tokens
-from tests.support.directives import DirectiveError, Faults
+from tests.support.directives import NO_FAULTS, DirectiveError, Faults
 from tests.support.harness import RECORD, FakeServer, json_response, loads, new_id
 
 __all__ = ["FakeAnthropic", "count_input_tokens"]
@@ -70,6 +70,8 @@ class FakeAnthropic(FakeServer):
         return self.error(status, type_, message, headers)
 
     async def list_models(self, request: web.Request) -> web.Response:
+        self._record(request, None, b"")
+        await self.wait_before_answer(NO_FAULTS)
         headers = {"request-id": new_id("req_", 16)}
         if (denied := self.header_error(request, headers)) is not None:
             return denied
@@ -79,6 +81,8 @@ class FakeAnthropic(FakeServer):
         return json_response(page, headers=headers)
 
     async def get_model(self, request: web.Request) -> web.Response:
+        self._record(request, None, b"")
+        await self.wait_before_answer(NO_FAULTS)
         headers = {"request-id": new_id("req_", 16)}
         if (denied := self.header_error(request, headers)) is not None:
             return denied
@@ -92,6 +96,7 @@ class FakeAnthropic(FakeServer):
         raw = await request.read()
         body = loads(raw)
         self._record(request, body, raw)
+        await self.wait_before_answer(NO_FAULTS)
         headers = {"request-id": new_id("req_", 16)}
         if (denied := self.header_error(request, headers)) is not None:
             return denied

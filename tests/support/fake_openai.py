@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from tests.support import openai_wire as wire
-from tests.support.directives import DirectiveError, Faults
+from tests.support.directives import NO_FAULTS, DirectiveError, Faults
 from tests.support.harness import RECORD, FakeServer, json_response, loads, new_id
 from tests.support.openai_wire import count_prompt_tokens
 
@@ -75,6 +75,8 @@ class FakeOpenAI(FakeServer):
         return self.error(status, message, headers, type_=type_, code=code)
 
     async def list_models(self, request: web.Request) -> web.Response:
+        self._record(request, None, b"")
+        await self.wait_before_answer(NO_FAULTS)
         headers = {"x-request-id": new_id("req_", 16)}
         if (denied := self.auth_error(request, headers)) is not None:
             return denied
@@ -82,6 +84,8 @@ class FakeOpenAI(FakeServer):
         return json_response({"object": "list", "data": data}, headers=headers)
 
     async def get_model(self, request: web.Request) -> web.Response:
+        self._record(request, None, b"")
+        await self.wait_before_answer(NO_FAULTS)
         headers = {"x-request-id": new_id("req_", 16)}
         if (denied := self.auth_error(request, headers)) is not None:
             return denied

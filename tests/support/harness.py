@@ -1,7 +1,16 @@
 """Run a fake upstream on loopback, in its own thread and event loop, for tests and benchmarks.
 
 A dedicated thread lets the same server serve sync pytest tests, async tests running in
-another loop, and the gateway under test, without sharing an event loop with any of them.
+another loop, and the gateway under test, without sharing an event loop with any of them::
+
+    with FakeOpenAI(chunks=5) as upstream:           # or FakeAnthropic
+        client = openai.OpenAI(base_url=upstream.sdk_base_url, api_key="x")
+        upstream.fault, upstream.fault_times = "429", 1   # the next request only
+        ...
+        assert upstream.requests[-1].outcome == "ok"
+
+Faults come from ``[[fault:KIND]]`` in the last user message, the ``X-Fake-Fault`` header
+(comma-separated) or the server-wide ``fault``; all that apply are combined. See ``directives``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,13 @@ from typing import Any, ClassVar, Self
 import orjson
 from aiohttp import web
 
-from tests.support.directives import Directives, Faults, parse_directives, parse_faults
+from tests.support.directives import (
+    NO_FAULTS,
+    Directives,
+    Faults,
+    parse_directives,
+    parse_faults,
+)
 
 FAULT_HEADER = "X-Fake-Fault"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -155,13 +170,9 @@ class FakeServer:
             return self._requests[-1]
 
     def _record(self, request: web.Request, body: Any, raw: bytes) -> RecordedRequest:
-        rec = RecordedRequest(
-            request.method,
-            request.path,
-            {k.lower(): v for k, v in request.headers.items()},
-            body,
-            raw,
-        )
+        # Lower-cased header names, so tests can look up "authorization" however it was sent.
+        headers = {k.lower(): v for k, v in request.headers.items()} if self.record else {}
+        rec = RecordedRequest(request.method, request.path, headers, body, raw)
         request[RECORD] = rec
         if self.record:
             with self._lock:
@@ -202,9 +213,9 @@ class FakeServer:
                 self.fault_times -= 1
         header = request.headers.get(FAULT_HEADER)
         if not header and not directives.faults:
-            return base if base is not None else Faults()
+            return base if base is not None else NO_FAULTS
         specs = [*directives.faults, *(header.split(",") if header else [])]
-        return (base or Faults()).merged(specs)
+        return (base if base is not None else NO_FAULTS).merged(specs)
 
     async def wait_before_answer(self, faults: Faults) -> None:
         """The server-wide delay, a slow first byte, or a hang that outlasts client timeouts."""

@@ -1,0 +1,85 @@
+"""The README's first command: embedded PostgreSQL and Redis, a demo key, chat, Ctrl-C, rerun."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import openai
+
+from llm_platform.embedded import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Run:
+    def __init__(self, data: Path, port: int) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY")}
+        env.update({"GW_DATA_DIR": str(data), "PORT": str(port), "GW_LOCAL_TOKENS_PER_SECOND": "0"})
+        self.proc = subprocess.Popen([sys.executable, "-m", "llm_platform.up"], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.proc.poll() is None, "run command exited early:\n" + "".join(self.seen)
+                continue
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.seen))
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=60)
+        self.seen.extend(self.lines.queue)
+        return code
+
+
+def test_run_command_serves_a_demo_key_and_restarts_cleanly():
+    data = ROOT / ".data" / f"test-run-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    try:
+        first = Run(data, port)
+        key = first.wait_for(r"^\s+sk-gw-").strip()
+        first.wait_for("serving on")
+        text = "".join(first.seen)
+        assert "from openai import OpenAI" in text and "curl http://127.0.0.1" in text
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        reply = client.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi!"}])
+        assert reply.choices[0].message.content.endswith("You said: Hi!")
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "Hi!"}], stream=True) if c.choices)
+        assert streamed == reply.choices[0].message.content
+        assert first.interrupt() == 0
+        assert "stopped" in "".join(first.seen)
+
+        second = Run(data, port)
+        second.wait_for("already exists")
+        second.wait_for("serving on")
+        assert not any(re.match(r"^\s+sk-gw-", line) for line in second.seen)
+        assert "issue_key demo" in "".join(second.seen)
+        again = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        assert again.models.list().data[0].id
+        assert second.interrupt() == 0
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
