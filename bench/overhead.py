@@ -99,8 +99,21 @@ class Processes:
         self.children.append((name, proc, log))
         return proc
 
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        """Stop one child now (py-spy writes its profile on SIGINT)."""
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.children = [c for c in self.children if c[1] is not proc]
+
     def check_alive(self) -> None:
         for name, proc, log in self.children:
+            if name.startswith("py-spy"):
+                continue
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail(log)}")
 
@@ -551,6 +564,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--server", choices=("uvicorn", "daphne"), default="uvicorn")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per cell, c=1,8")
     parser.add_argument("--embedded", action="store_true", help="use embedded PostgreSQL/Redis even if others answer")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="record the platform with py-spy (if installed) during each platform cell, as "
+                             "collapsed stacks in DIR (figures are then slightly lower)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.concurrency = 1.0, "1,8"
@@ -596,6 +612,21 @@ def platform_command(server: str, port: int) -> list[str]:
         return [PY, "-m", "daphne", "-b", HOST, "-p", str(port), "-v", "0", "llm_platform.asgi:application"]
     return [PY, "-m", "uvicorn", "llm_platform.asgi:application", "--host", HOST, "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--lifespan", "on"]
+
+
+def start_profile(procs: Processes, folder: str | None, pid: int, name: str, env: dict,
+                  cpu: int | None) -> subprocess.Popen | None:
+    """py-spy sampling the platform (non-blocking: it does not pause it) into folder/name.txt."""
+    if folder is None:
+        return None
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not os.access(spy, os.X_OK):
+        say("--profile: py-spy is not installed (pip install py-spy); not profiling")
+        return None
+    out = Path(folder).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return procs.start(f"py-spy-{name}", [spy, "record", "--nonblocking", "--rate", "200", "--format", "raw",
+                                          "--output", str(out / f"{name}.txt"), "--pid", str(pid)], env, cpu)
 
 
 def drain_usage(redis_url: str, timeout: float = 30) -> tuple[int, int]:
@@ -691,7 +722,10 @@ def main(argv: list[str]) -> int:
                         f"({args.warmup:g} s warm-up + {args.duration:g} s each)")
                     d = await run_phase(direct, stream, c, args.warmup, args.duration, None)
                     procs.check_alive()
+                    spy = start_profile(procs, args.profile, plat.pid, f"{'stream' if stream else 'nonstream'}-c{c}", env, client_cpu)
                     p = await run_phase(through, stream, c, args.warmup, args.duration, platform_cpu)
+                    if spy is not None:
+                        procs.stop(spy, signal.SIGINT)
                     procs.check_alive()
                     pairs.append((d, p))
                     results.extend((d, p))

@@ -4,10 +4,14 @@ A test steers a fake by writing directives into the last user message (or tool r
 e.g. ``"hello [[fault:429]] [[tool:get_weather]]"``. They are stripped from the echoed reply,
 so the answer is still ``"Echo: hello"``.
 
-- ``[[fault:KIND]]``: ``429`` / ``429:MS`` (``Retry-After`` rounded up to seconds and
-  ``retry-after-ms``), any of 400 401 403 404 408 409 422 500 502 503 504 529, ``timeout``,
-  ``slow_first_byte:MS``, ``drip:MS``, ``cut:K``, ``malformed``, ``empty``, ``stream_error:K``.
-  The same specs work in an ``X-Fake-Fault`` header, comma-separated.
+- ``[[fault:KIND]]``, combinable; the same specs work in an ``X-Fake-Fault`` header,
+  comma-separated:
+  ``429`` / ``429:MS`` (``Retry-After`` in whole seconds, rounded up, and ``retry-after-ms``);
+  any of 400 401 403 404 408 409 422 500 502 503 504 529 in the vendor's error shape;
+  ``timeout`` (hang ``timeout_seconds`` first); ``slow_first_byte:MS``;
+  ``drip:MS`` (pause between SSE events); ``cut:K`` (send K SSE events, or half a JSON body,
+  then drop the connection); ``malformed`` (half a JSON body, or a broken SSE event);
+  ``empty`` (no content); ``stream_error:K`` (an error event after K SSE events).
 - ``[[tool:NAME]]``: answer with a call to NAME (repeat for parallel calls) when tools are sent.
 - ``[[stop:REASON]]``: force the finish/stop reason; OpenAI and Anthropic names both work.
 - ``[[cache:R]]`` / ``[[cache:R,C]]``: report R cache-read and C cache-write tokens.
