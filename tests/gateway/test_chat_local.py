@@ -57,3 +57,48 @@ def test_usage_row_is_written_for_a_call(client, committed_db):
     assert row.end_user == "end-user-7" and row.feature == "search"
     assert row.http_status == 200 and row.stream is False
     assert row.completion_tokens == raw.parse().usage.completion_tokens
+
+
+def test_prompts_and_answers_are_stored_only_when_the_tenant_opts_in(server, tenants, committed_db):
+    import openai
+
+    from billing.models import UsageRecord
+
+    ids = {}
+    for store in (False, True):
+        _, _, secret = tenants.make(store_content=store)
+        client = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="local", messages=[{"role": "user", "content": "secret plan"}])
+        ids[store] = raw.headers["x-request-id"]
+    drain_usage()
+    private, stored = (UsageRecord.objects.get(request_id=ids[flag]) for flag in (False, True))
+    assert private.prompt is None and private.completion == ""
+    assert stored.prompt == [{"role": "user", "content": "secret plan"}]
+    assert stored.completion == "Hello from the built-in local model. You said: secret plan"
+
+
+def test_a_request_refused_at_validation_writes_no_row(server, tenant, committed_db):
+    import openai
+
+    from billing.models import UsageRecord
+
+    client = openai.OpenAI(base_url=server.base_url, api_key=tenant[2], max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}], temperature=5)
+    request_id = caught.value.response.headers["x-request-id"]
+    drain_usage()
+    assert not UsageRecord.objects.filter(request_id=request_id).exists()
+    assert not UsageRecord.objects.filter(tenant=tenant[0]).exists()
+
+
+def test_tool_calls_from_the_local_model(client):
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    completion = client.chat.completions.create(model="local", tools=[tool], tool_choice="required",
+                                                messages=[{"role": "user", "content": "what time is it"}])
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.choices[0].message.tool_calls[0].function.name == "get_time"
+
+
+def test_max_tokens_truncates_with_finish_reason_length(client):
+    completion = client.chat.completions.create(model="local", max_tokens=3, messages=[{"role": "user", "content": "Hi there"}])
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 3
