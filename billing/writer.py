@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
@@ -44,7 +44,7 @@ def ensure_group(client: redis.Redis) -> None:
 
 def to_record(row: dict) -> UsageRecord:
     data = {k: v for k, v in row.items() if k in FIELDS}
-    data["created_at"] = datetime.fromtimestamp(float(row["created_at"]), tz=timezone.utc)
+    data["created_at"] = datetime.fromtimestamp(float(row["created_at"]), tz=UTC)
     data["cost_usd"] = Decimal(str(row.get("cost_usd") or "0"))
     return UsageRecord(**data)
 

@@ -168,7 +168,7 @@ async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
         await asyncio.shield(task)  # if we are cancelled here, the task still finishes
 
 
-async def drain_settling(timeout: float = 10.0) -> None:
+async def drain_settling(wait_seconds: float = 10.0) -> None:
     """Wait for in-flight settlements (graceful shutdown)."""
     if _settling:
-        await asyncio.wait(list(_settling), timeout=timeout)
+        await asyncio.wait(list(_settling), timeout=wait_seconds)

@@ -10,7 +10,7 @@ import gzip
 import hashlib
 import importlib.resources
 import threading
-from functools import lru_cache
+from functools import cache
 
 import tiktoken
 
@@ -37,7 +37,7 @@ def _ranks(name: str) -> dict[bytes, int]:
     return ranks
 
 
-@lru_cache(maxsize=None)
+@cache
 def encoding(name: str) -> tiktoken.Encoding:
     """Build tiktoken's own encoding spec around the locally shipped, hash-checked ranks."""
     import tiktoken_ext.openai_public as public

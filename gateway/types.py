@@ -98,45 +98,41 @@ class Outcome:
     completion_text_parts: list[str] | None = None  # kept only when the tenant stores content
 
 
+class _JsonPayload:
+    """Bytes when forwarded untouched, a dict when built or inspected; each made on demand."""
+
+    __slots__ = ()
+    raw: bytes | None
+    obj: dict | None
+
+    @property
+    def data(self) -> bytes:
+        if self.raw is None:
+            self.raw = orjson.dumps(self.obj)
+        return self.raw
+
+    @property
+    def as_dict(self) -> dict:
+        if self.obj is None:
+            self.obj = orjson.loads(self.raw)
+        return self.obj
+
+
 @dataclass(slots=True)
-class Chunk:
-    """One `chat.completion.chunk`: pre-serialized bytes when forwarded as-is, else a dict."""
+class Chunk(_JsonPayload):
+    """One `chat.completion.chunk`."""
 
     raw: bytes | None = None
     obj: dict | None = None
     usage_only: bool = False  # the final usage chunk (choices == [])
 
-    @property
-    def data(self) -> bytes:
-        if self.raw is None:
-            self.raw = orjson.dumps(self.obj)
-        return self.raw
-
-    @property
-    def as_dict(self) -> dict:
-        if self.obj is None:
-            self.obj = orjson.loads(self.raw)
-        return self.obj
-
 
 @dataclass(slots=True)
-class Completion:
-    """A whole `chat.completion`: upstream bytes forwarded as-is when unchanged, else a dict."""
+class Completion(_JsonPayload):
+    """A whole `chat.completion`."""
 
     raw: bytes | None = None
     obj: dict | None = None
-
-    @property
-    def data(self) -> bytes:
-        if self.raw is None:
-            self.raw = orjson.dumps(self.obj)
-        return self.raw
-
-    @property
-    def as_dict(self) -> dict:
-        if self.obj is None:
-            self.obj = orjson.loads(self.raw)
-        return self.obj
 
 
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})

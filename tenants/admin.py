@@ -1,17 +1,8 @@
 from django.contrib import admin, messages
 
-from .models import ApiKey, Tenant, Tier
+from .models import ApiKey, LimitFields, Tenant, Tier
 
-LIMITS = (
-    "requests_per_minute",
-    "requests_per_hour",
-    "tokens_per_minute",
-    "max_concurrent",
-    "daily_budget_usd",
-    "monthly_budget_usd",
-    "max_tokens_cap",
-    "allowed_models",
-)
+LIMITS = (*LimitFields.LIMIT_NAMES, "allowed_models")
 
 
 @admin.register(Tier)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from .models import ApiKey, Tenant, Tier
@@ -21,7 +22,11 @@ def create_tenant(slug: str, name: str | None = None, tier: str = "default") -> 
     if Tenant.objects.filter(slug=slug).exists():
         raise TenantError(f"tenant {slug!r} already exists")
     tenant = Tenant(slug=slug, name=name or slug, tier=get_or_create_tier(tier))
-    tenant.full_clean()
+    try:
+        tenant.full_clean()
+    except ValidationError as exc:
+        problems = "; ".join(f"{field}: {' '.join(errors)}" for field, errors in exc.message_dict.items())
+        raise TenantError(problems) from None
     tenant.save()
     return tenant
 

@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
-import urllib.request
 import pytest
 from django.conf import settings
 

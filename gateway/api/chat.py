@@ -17,7 +17,7 @@ from tenants.principal import Principal
 from ..routing import routes
 from ..service import CallContext, open_call, resolve_route
 from .errors import GatewayError, method_not_allowed
-from .http import JSON, Request, header_list, send_error, send_json
+from .http import JSON, Request, header_list, send_json
 from .validation import parse_json, validate_chat
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}

@@ -7,7 +7,6 @@ needs (usage, finish reason, ids).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -58,7 +57,7 @@ class OpenAIProvider(Provider):
     async def _post(self, body: dict) -> aiohttp.ClientResponse:
         try:
             response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamError(504, f"The provider '{self.kind}' did not answer in time.", code="upstream_timeout", retryable=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(502, f"Could not reach the provider '{self.kind}': {type(exc).__name__}.", code="upstream_unreachable", retryable=True) from None
@@ -80,7 +79,7 @@ class OpenAIProvider(Provider):
         outcome.provider_request_id = response.headers.get("x-request-id")
         try:
             raw = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(502, f"The provider '{self.kind}' dropped the answer.", code="upstream_disconnected", retryable=True) from None
         outcome.first_token_at = time.perf_counter()
         try:
@@ -132,7 +131,7 @@ class OpenAIProvider(Provider):
                         if content:
                             outcome.completion_text_parts.append(content)
                 yield Chunk(raw=data, obj=obj, usage_only=not choices and bool(usage))
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(502, f"The provider '{self.kind}' stream broke off.", code="upstream_stream_cut") from None
         finally:
             # Closing an unfinished response drops the connection, so the provider stops generating.

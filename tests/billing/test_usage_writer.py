@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
-
 
 from billing.models import UsageRecord
 from billing.pricing import cost_usd
@@ -97,7 +97,7 @@ def test_killed_writer_process_loses_no_row_and_writes_none_twice(tenants):
 
 
 def test_last_used_at_only_moves_forward(tenants):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from billing.writer import write_rows
 
@@ -107,4 +107,4 @@ def test_last_used_at_only_moves_forward(tenants):
     write_rows([later])
     write_rows([earlier])
     key.refresh_from_db()
-    assert key.last_used_at == datetime.fromtimestamp(later["created_at"], tz=timezone.utc)
+    assert key.last_used_at == datetime.fromtimestamp(later["created_at"], tz=UTC)

@@ -12,12 +12,5 @@ class Command(OperatorCommand):
         parser.add_argument("--tier", default="default")
 
     def handle(self, slug, name, tier, **options):
-        from django.core.exceptions import ValidationError
-
-        from tenants.services import TenantError
-
-        try:
-            tenant = create_tenant(slug, name=name, tier=tier)
-        except ValidationError as exc:
-            raise TenantError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items()))
+        tenant = create_tenant(slug, name=name, tier=tier)
         self.stdout.write(f"created tenant {tenant.slug} (tier {tenant.tier.name})")
