@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import UsageRecord
+from .models import BudgetAlert, UsageRecord
 
 
 @admin.register(UsageRecord)
@@ -16,4 +16,14 @@ class UsageRecordAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "tenant", "scope", "period", "threshold", "spent_usd", "cap_usd", "delivered_at")
+    list_filter = ("threshold", "scope", "tenant")
+    readonly_fields = [f.name for f in BudgetAlert._meta.fields]
+
+    def has_add_permission(self, request):
         return False

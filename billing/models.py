@@ -40,3 +40,25 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost_usd}"
+
+
+class BudgetAlert(models.Model):
+    """A tenant's (or key's) spend crossed 80% or 100% of a cap; recorded once per period."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="budget_alerts")
+    scope = models.CharField(max_length=16)  # "tenant" or "key"
+    period = models.CharField(max_length=16)  # "2026-11-22" (daily) or "2026-11" (monthly)
+    threshold = models.PositiveSmallIntegerField()  # 80 or 100
+    spent_usd = models.DecimalField(max_digits=18, decimal_places=9)
+    cap_usd = models.DecimalField(max_digits=18, decimal_places=9)
+    request_id = models.CharField(max_length=128, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)  # set by the webhook sender (later)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "scope", "period", "threshold"], name="one_alert_per_period"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.scope} {self.period} {self.threshold}%"

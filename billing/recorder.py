@@ -42,5 +42,21 @@ async def record(row: dict) -> None:
         log.error("usage buffer unreachable; row kept in memory", extra={"request_id": row.get("request_id"), "pending": len(_pending)})
 
 
+async def flush_pending() -> None:
+    """Re-send rows kept in memory during a Redis outage (called periodically)."""
+    if not _pending:
+        return
+    backlog = list(_pending)
+    try:
+        async with get_async_redis().pipeline(transaction=False) as pipe:
+            for item in backlog:
+                pipe.xadd(stream_name(), {"row": item})
+            await pipe.execute()
+    except Exception:
+        return  # still away; next round
+    del _pending[: len(backlog)]
+    log.info("re-sent buffered usage rows", extra={"rows": len(backlog)})
+
+
 def pending_count() -> int:
     return len(_pending)

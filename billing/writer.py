@@ -83,6 +83,7 @@ def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | No
     client = get_redis()
     consumer = consumer or default_consumer()
     ensure_group(client)
+    drain_alerts()
     entries = _read(client, consumer, count, block_ms)
     if not entries:
         return 0
@@ -105,9 +106,34 @@ def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | No
     return len(ids)
 
 
+def drain_alerts(count: int = 500) -> int:
+    """Budget alerts raised by settlement -> BudgetAlert rows (unique per period: retry-safe)."""
+    from django.conf import settings
+
+    from .models import BudgetAlert
+
+    client = get_redis()
+    stream = settings.GATEWAY["ALERT_STREAM"]
+    entries = client.xrange(stream, count=count)
+    if not entries:
+        return 0
+    alerts = []
+    for _entry_id, fields in entries:
+        data = {k.decode(): v.decode() for k, v in fields.items()}
+        alerts.append(BudgetAlert(
+            tenant_id=int(data["tenant_id"]), scope=data["scope"], period=data["period"],
+            threshold=int(data["threshold"]), spent_usd=Decimal(data["spent_nano"]) / 10**9,
+            cap_usd=Decimal(data["cap_nano"]) / 10**9, request_id=data.get("request_id", "")))
+    BudgetAlert.objects.bulk_create(alerts, ignore_conflicts=True)
+    client.xdel(stream, *(entry_id for entry_id, _ in entries))
+    return len(entries)
+
+
 def drain_all(consumer: str | None = None) -> int:
     """Drain until the stream is empty (tests, shutdown)."""
     total = 0
     while handled := drain_once(consumer, block_ms=None):
         total += handled
+    while drain_alerts():
+        pass
     return total

@@ -15,11 +15,15 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
+
+from django.conf import settings
 
 from billing.pricing import cost_usd
 from billing.recorder import record
 from tenants.principal import Principal
 
+from . import limits
 from .api.errors import GatewayError
 from .providers.base import get_provider
 from .routing import LaneSpec, Route, routes
@@ -64,6 +68,57 @@ class ChatCall:
         self.error_code = ""
         self.partial = False
         self.retries = 0
+        self.prompt_tokens = 0
+        self.reserve_tokens = 0
+        self.trimmed = 0
+        self.admission: limits.Admission | None = None
+
+    def preflight(self) -> None:
+        """Count the prompt, check the context window (trimming if asked), size the reservation."""
+        req, lane = self.req, self.lane
+        self.prompt_tokens = count_messages(req.messages, lane.upstream_model, req.tools)
+        wanted = req.max_tokens or 1
+        while self.prompt_tokens + wanted > lane.context_window:
+            if not req.trim_oldest or not self._drop_oldest_turn():
+                raise GatewayError(
+                    400,
+                    f"This model's maximum context length is {lane.context_window} tokens. However, you "
+                    f"requested {self.prompt_tokens + wanted} tokens ({self.prompt_tokens} in the messages, "
+                    f"{wanted} in the completion). Please reduce the length of the messages or completion, "
+                    "or send context_overflow='trim_oldest'.",
+                    code="context_length_exceeded", param="messages")
+            self.prompt_tokens = count_messages(req.messages, lane.upstream_model, req.tools)
+        room = lane.context_window - self.prompt_tokens
+        self.reserve_tokens = req.max_tokens or min(room, settings.GATEWAY["DEFAULT_RESERVE_TOKENS"])
+
+    def _drop_oldest_turn(self) -> bool:
+        """Drop the oldest non-system message (and tool results orphaned by it); keep the last."""
+        messages = self.req.messages
+        first = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), None)
+        if first is None or first >= len(messages) - 1:
+            return False
+        del messages[first]
+        self.trimmed += 1
+        while first < len(messages) - 1 and messages[first].get("role") == "tool":
+            del messages[first]
+            self.trimmed += 1
+        if not any(m.get("role") == "user" for m in messages):
+            return False
+        return True
+
+    async def admit(self) -> None:
+        if not settings.GATEWAY["LIMITS_ENABLED"]:
+            return
+        estimate = limits.estimate_nano(self.lane, self.prompt_tokens, self.reserve_tokens)
+        self.admission = await limits.admit(self.principal, self.ctx.request_id,
+                                            self.prompt_tokens + self.reserve_tokens, estimate)
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.admission.headers) if self.admission else {}
+        headers["x-upstream-model"] = self.outcome.upstream_model or self.lane.upstream_model
+        if self.trimmed:
+            headers["x-context-trimmed-messages"] = str(self.trimmed)
+        return headers
 
     async def complete(self) -> Completion:
         provider = get_provider(self.lane)
@@ -98,12 +153,11 @@ class ChatCall:
             return self.outcome.usage
         if self.outcome.first_token_at is None and self.status >= 400 and self.status != CLIENT_GONE:
             return Usage()
-        prompt = count_messages(self.req.messages, self.lane.upstream_model, self.req.tools)
+        prompt = self.prompt_tokens or count_messages(self.req.messages, self.lane.upstream_model, self.req.tools)
         text = "".join(self.outcome.completion_text_parts or ())
         return Usage(prompt_tokens=prompt, completion_tokens=count_text(text, self.lane.upstream_model))
 
-    def row(self) -> dict:
-        usage = self.usage()
+    def row(self, usage: Usage, cost: Decimal) -> dict:
         lane = self.lane
         now = time.perf_counter()
         first = self.outcome.first_token_at
@@ -122,9 +176,7 @@ class ChatCall:
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
             "cache_creation_tokens": usage.cache_creation_tokens,
-            "cost_usd": str(cost_usd(lane.price_input, lane.price_output, lane.price_cached_input,
-                                     usage.prompt_tokens, usage.completion_tokens,
-                                     usage.cached_tokens, usage.cache_creation_tokens)),
+            "cost_usd": str(cost),
             "ttft_ms": round((first - self.ctx.started) * 1000, 3) if first else None,
             "latency_ms": round((now - self.ctx.started) * 1000, 3),
             "finish_reason": self.outcome.finish_reason or "",
@@ -141,13 +193,23 @@ class ChatCall:
         }
 
     async def settle(self) -> None:
-        row = self.row()
+        usage = self.usage()
+        lane = self.lane
+        cost = cost_usd(lane.price_input, lane.price_output, lane.price_cached_input, usage.prompt_tokens,
+                        usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens)
+        row = self.row(usage, cost)
         log.info(
             "chat call",
             extra={k: row[k] for k in ("request_id", "tenant_id", "key_prefix", "model", "provider",
                                         "http_status", "error_code", "latency_ms", "prompt_tokens",
                                         "completion_tokens", "stream", "partial")},
         )
+        if self.admission is not None:
+            try:
+                await limits.settle(self.admission, usage.total_tokens, cost, row)
+                return
+            except Exception:  # Redis away: keep the row (slots expire, refunds are lost)
+                log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
         await record(row)
 
 
@@ -155,17 +217,38 @@ class ChatCall:
 async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
     route = await resolve_route(principal, req)
     call = ChatCall(principal, req, route, ctx)
+    call.preflight()
+    await call.admit()  # a refusal here raises before anything is charged or recorded
+    heartbeat = _keep_slots(call.admission)
     try:
         yield call
     except BaseException as exc:
         call.fail(exc)
         raise
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
         # Settle in its own task: a cancelled request (client gone) cannot interrupt it.
         task = asyncio.ensure_future(call.settle())
         _settling.add(task)
         task.add_done_callback(_settling.discard)
         await asyncio.shield(task)  # if we are cancelled here, the task still finishes
+
+
+def _keep_slots(admission: limits.Admission | None) -> asyncio.Task | None:
+    if admission is None or not admission.slots:
+        return None
+    period = settings.GATEWAY["SLOT_TTL_SECONDS"] / 3
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await limits.refresh_slots(admission)
+            except Exception:  # Redis blip: the next beat retries; the slot may expire meanwhile
+                log.warning("could not refresh a concurrency slot", extra={"request_id": admission.request_id})
+
+    return asyncio.ensure_future(beat())
 
 
 async def drain_settling(wait_seconds: float = 10.0) -> None:

@@ -41,6 +41,7 @@ class ChatRequest:
     user: str | None = None
     feature: str | None = None
     metadata: dict[str, str] | None = None
+    trim_oldest: bool = False  # opt-in: drop the oldest turns to fit the context window
 
     @property
     def tools(self) -> list[dict] | None:

@@ -87,6 +87,20 @@ CACHES = {
     }
 }
 
+# django-ratelimit (the admin login's per-IP limit, tenants/admin_login.py). Counters live in the
+# shared Redis cache above, so every process counts the same attempts.
+RATELIMIT_USE_CACHE = "default"
+# Where the client's address comes from. REMOTE_ADDR is right for direct connections: the ASGI
+# server sets it from the socket's peer. Behind a reverse proxy or load balancer REMOTE_ADDR is
+# the proxy (all clients would share one counter), so operators set GW_RATELIMIT_IP_META_KEY to
+# the forwarded header the proxy writes, as a META key, e.g. HTTP_X_REAL_IP. It must hold one
+# address that the proxy overwrites (not X-Forwarded-For: a list that clients can prepend to).
+RATELIMIT_IP_META_KEY = env_str("GW_RATELIMIT_IP_META_KEY", "REMOTE_ADDR")
+# POSTs to /admin/login/ allowed per client address: N/s|m|h|d, optionally N/15m.
+RATELIMIT_ADMIN_LOGIN_RATE = env_str("GW_ADMIN_LOGIN_RATE", "5/m")
+# Redis down: refuse admin logins (503) rather than allow unlimited password guesses.
+RATELIMIT_FAIL_OPEN = False
+
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
@@ -134,6 +148,15 @@ GATEWAY = {
     "LOCAL_TOKENS_PER_SECOND": env_float("GW_LOCAL_TOKENS_PER_SECOND", 40.0),
     # Usage rows are buffered in this Redis stream and written to PostgreSQL in batches.
     "USAGE_STREAM": env_str("GW_USAGE_STREAM", "gw:usage"),
+    "ALERT_STREAM": env_str("GW_ALERT_STREAM", "gw:alerts"),
+    # Limits (requests/min, tokens/min, concurrency, budgets). Off only for benchmarks.
+    "LIMITS_ENABLED": env_bool("GW_LIMITS_ENABLED", True),
+    # A concurrency slot expires this long after its last heartbeat (a killed worker's slot).
+    "SLOT_TTL_SECONDS": env_float("GW_SLOT_TTL_SECONDS", 60.0),
+    # Completion tokens reserved at admission when a request sets no max_tokens.
+    "DEFAULT_RESERVE_TOKENS": env_int("GW_DEFAULT_RESERVE_TOKENS", 1024),
+    # Failed authentications per client address before further failures get 429.
+    "BAD_KEY_RATE": env_str("GW_BAD_KEY_RATE", "20/m"),
     # Operator token for /status (besides a logged-in staff session).
     "STATUS_TOKEN": env_str("GW_STATUS_TOKEN"),
 }

@@ -24,7 +24,8 @@ def main(argv: list[str]) -> int:
     try:
         if not env.get("DATABASE_URL"):
             if port_open("127.0.0.1", 5432):
-                env["DATABASE_URL"] = "postgres://postgres@127.0.0.1:5432/postgres"
+                # A name per run, so two runs on one machine never share a test database.
+                env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/gw{os.getpid()}"
             else:
                 print("[test] PostgreSQL not running on 5432: starting an embedded one", flush=True)
                 shutil.rmtree(scratch / "postgres", ignore_errors=True)
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
                 started.append(pg)
         if not env.get("REDIS_URL"):
             if port_open("127.0.0.1", 6379):
-                env["REDIS_URL"] = "redis://127.0.0.1:6379/9"
+                env["REDIS_URL"] = f"redis://127.0.0.1:6379/{9 + os.getpid() % 6}"
             else:
                 print("[test] Redis not running on 6379: starting an embedded one", flush=True)
                 rd = EmbeddedRedis(scratch / "redis", persist=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
 from .models import ApiKey, LimitFields
@@ -24,7 +24,8 @@ class Principal:
     max_concurrent: int | None
     daily_budget_usd: str | None  # Decimal as text, to survive JSON
     monthly_budget_usd: str | None
-    max_tokens_cap: int | None
+    max_tokens_cap: int | None  # effective: the key's override, else the tier's
+    key_limits: dict = field(default_factory=dict)  # the key's own overrides (non-null only)
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
@@ -44,17 +45,19 @@ class Principal:
 
     @classmethod
     def from_key(cls, key: ApiKey) -> Principal:
-        """Key overrides win over the tier's values, field by field."""
+        """Tier limits apply to the tenant as a whole; a key's overrides add limits of its own."""
         tier = key.tenant.tier
-        limits = {}
+        limits, key_limits = {}, {}
         for name in LimitFields.LIMIT_NAMES:
-            value = getattr(key, name)
-            if value is None:
-                value = getattr(tier, name)
-            if isinstance(value, Decimal):
-                value = str(value)
-            limits[name] = value
+            value, override = getattr(tier, name), getattr(key, name)
+            limits[name] = str(value) if isinstance(value, Decimal) else value
+            if override is not None:
+                key_limits[name] = str(override) if isinstance(override, Decimal) else override
+        if "max_tokens_cap" in key_limits:
+            limits["max_tokens_cap"] = key_limits["max_tokens_cap"]
         models = key.allowed_models or tier.allowed_models or []
+        if key.allowed_models and tier.allowed_models:  # a key narrows its tier, never widens it
+            models = [m for m in key.allowed_models if m in tier.allowed_models] or ["-none-"]
         return cls(
             key_id=key.pk,
             key_prefix=key.prefix,
@@ -64,5 +67,6 @@ class Principal:
             store_content=key.tenant.store_content,
             expires_at=key.expires_at.timestamp() if key.expires_at else None,
             allowed_models=tuple(models),
+            key_limits=key_limits,
             **limits,
         )

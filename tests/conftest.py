@@ -91,6 +91,12 @@ routes:
         upstream_model: local
         context_window: 32768
         options: {{tokens_per_second: 50}}
+  - model: local-small
+    lanes:
+      - provider: local
+        upstream_model: local
+        context_window: 60
+        options: {{tokens_per_second: 0}}
   - model: gpt-4o-mini
     lanes:
       - provider: openai-compatible
@@ -160,6 +166,7 @@ def _server_env(port: int, extra: dict | None = None) -> dict:
         "GW_LOCAL_CACHE_SECONDS": "1",
         "GW_LOCAL_TOKENS_PER_SECOND": "0",
         "LOG_LEVEL": "WARNING",
+        "GW_BAD_KEY_RATE": "1000/m",
     })
     env.update(extra or {})
     return env

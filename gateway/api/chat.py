@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import redis.exceptions
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from tenants.auth import AuthenticationFailed, authenticate, extract_key
@@ -30,7 +32,36 @@ async def principal_of(request: Request) -> Principal:
         key = extract_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
         return await authenticate(key)
     except AuthenticationFailed as exc:
+        await _count_bad_key(request.client_ip)
         raise GatewayError(401, exc.reason, code=exc.code) from None
+    except (redis.exceptions.RedisError, OSError):
+        raise GatewayError(503, "The platform's key store is unreachable; retry shortly.", type="server_error",
+                           code="auth_unavailable", headers={"Retry-After": "2"}) from None
+
+
+def _bad_key_usage(ip: str) -> dict | None:
+    from django_ratelimit.core import get_usage
+
+    return get_usage(_AddressOnly, group="gw.bad-keys", key=lambda group, request: ip,
+                     rate=settings.GATEWAY["BAD_KEY_RATE"], increment=True)
+
+
+class _AddressOnly:
+    """django-ratelimit only needs a method here: the key is the caller's address."""
+
+    method = "POST"
+
+
+async def _count_bad_key(ip: str) -> None:
+    """Failed authentications per address, counted by django-ratelimit; too many get 429."""
+    try:
+        usage = await sync_to_async(_bad_key_usage, thread_sensitive=False)(ip)
+    except Exception:  # the counter store is down: answer the 401 anyway
+        return
+    if usage and usage["should_limit"]:
+        raise GatewayError(429, "Too many requests with invalid API keys from your address; slow down.",
+                           type="rate_limit_error", code="too_many_invalid_keys",
+                           headers={"Retry-After": str(max(1, usage["time_left"]))})
 
 
 async def chat_completions(request: Request, receive, send) -> None:
@@ -38,7 +69,7 @@ async def chat_completions(request: Request, receive, send) -> None:
         raise method_not_allowed(request.method, request.path)
     body = await request.read_body(receive, settings.GATEWAY["MAX_BODY_BYTES"])
     principal = await principal_of(request)
-    req = validate_chat(parse_json(body), request.headers.get("x-feature"))
+    req = validate_chat(parse_json(body), request.headers.get("x-feature"), request.headers.get("x-context-overflow"))
     ctx = CallContext(request.request_id)
     respond = _stream if req.stream else _complete
     await until_disconnect(respond(request, send, principal, req, ctx), receive)
@@ -47,8 +78,7 @@ async def chat_completions(request: Request, receive, send) -> None:
 async def _complete(request: Request, send, principal, req, ctx: CallContext) -> None:
     async with open_call(principal, req, ctx) as call:
         completion = await call.complete()
-        upstream = call.outcome.upstream_model or call.lane.upstream_model
-        await send_json(send, 200, completion.data, request.request_id, {"x-upstream-model": upstream})
+        await send_json(send, 200, completion.data, request.request_id, call.response_headers())
 
 
 async def _stream(request: Request, send, principal, req, ctx: CallContext) -> None:
@@ -59,8 +89,7 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
             first = await anext(chunks)
         except StopAsyncIteration:
             first = None
-        extra = dict(SSE_HEADERS)
-        extra["x-upstream-model"] = call.lane.upstream_model
+        extra = {**SSE_HEADERS, **call.response_headers()}
         await send({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
         try:
             if first is not None:

@@ -7,7 +7,24 @@ import logging
 log = logging.getLogger("gateway.lifespan")
 
 
+_flusher = None
+
+
+async def _flush_forever() -> None:
+    import asyncio
+
+    from billing.recorder import flush_pending
+
+    while True:
+        await asyncio.sleep(1.0)
+        await flush_pending()
+
+
 async def startup() -> None:
+    import asyncio
+
+    global _flusher
+    _flusher = asyncio.ensure_future(_flush_forever())
     from asgiref.sync import sync_to_async
 
     from ..routing import routes
@@ -25,6 +42,11 @@ async def shutdown() -> None:
     from ..service import drain_settling
 
     await drain_settling()
+    if _flusher is not None:
+        _flusher.cancel()
+    from billing.recorder import flush_pending
+
+    await flush_pending()
     await close_all()
 
 

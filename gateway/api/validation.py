@@ -233,7 +233,18 @@ def _max_tokens(data: dict) -> int | None:
     return value
 
 
-def validate_chat(data: dict, feature_header: str | None = None) -> ChatRequest:
+OVERFLOW_MODES = ("error", "trim_oldest")
+
+
+def _overflow(data: dict, header: str | None) -> bool:
+    """`context_overflow: "trim_oldest"` in the body (SDK: extra_body) or X-Context-Overflow."""
+    mode = header or data.get("context_overflow") or "error"
+    if mode not in OVERFLOW_MODES:
+        raise invalid("Invalid 'context_overflow': 'error' (default) or 'trim_oldest'.", "context_overflow")
+    return mode == "trim_oldest"
+
+
+def validate_chat(data: dict, feature_header: str | None = None, overflow_header: str | None = None) -> ChatRequest:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("Missing required parameter: 'model'.", "model")
@@ -271,4 +282,5 @@ def validate_chat(data: dict, feature_header: str | None = None) -> ChatRequest:
         user=params.get("user"),
         feature=feature,
         metadata=metadata,
+        trim_oldest=_overflow(data, overflow_header),
     )

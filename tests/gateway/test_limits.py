@@ -1,0 +1,300 @@
+"""Limits hold across processes: buckets, token reservations, concurrency, windows, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from llm_platform.redis import get_redis
+from tests.conftest import Server, drain_usage
+
+
+def chat(server, secret, model="local", content="hello", **extra):
+    client = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=extra.pop("max_retries", 0), timeout=30)
+    return client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": content}], **extra)
+
+
+async def post_many(urls_and_keys, body, concurrency=None):
+    async with aiohttp.ClientSession() as session:
+        async def one(url, key):
+            async with session.post(f"{url}/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+                await response.read()
+                return response.status, dict(response.headers)
+        return await asyncio.gather(*(one(url, key) for url, key in urls_and_keys))
+
+
+def test_requests_per_minute_refuses_with_retry_after_and_headers(server, tenants):
+    _, _, secret = tenants.make(tier={"requests_per_minute": 3})
+    remaining = [int(chat(server, secret).headers["x-ratelimit-remaining-requests"]) for _ in range(3)]
+    assert remaining == [2, 1, 0]
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(server, secret)
+    response = caught.value.response
+    assert int(response.headers["retry-after"]) >= 1
+    assert caught.value.body["code"] == "rate_limit_exceeded" and "requests per minute" in caught.value.body["message"]
+
+
+def test_every_success_carries_openai_rate_limit_headers(server, tenants):
+    _, _, secret = tenants.make(tier={"requests_per_minute": 100, "tokens_per_minute": 50_000})
+    headers = chat(server, secret).headers
+    assert headers["x-ratelimit-limit-requests"] == "100" and headers["x-ratelimit-remaining-requests"] == "99"
+    assert headers["x-ratelimit-limit-tokens"] == "50000"
+    assert int(headers["x-ratelimit-remaining-tokens"]) < 50_000
+    assert headers["x-ratelimit-reset-requests"].endswith(("ms", "s"))
+
+
+def test_the_sdk_retry_succeeds_once_the_bucket_refills(server, tenants):
+    _, _, secret = tenants.make(tier={"requests_per_minute": 20})  # one request back every 3 s
+    burst = asyncio.run(post_many([(server.base_url, secret)] * 25, {"model": "local", "messages": [{"role": "user", "content": "x"}]}))
+    assert any(status == 429 for status, _ in burst)  # the bucket is empty
+    seen: list[int] = []
+    client = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=4,
+                           http_client=openai.DefaultHttpxClient(event_hooks={"response": [lambda r: seen.append(r.status_code)]}))
+    completion = client.chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}])
+    assert completion.choices[0].message.content
+    assert seen[0] == 429 and seen[-1] == 200  # refused first, then the SDK's own retry got in
+
+
+def tokens_in_bucket(tenant_id: int) -> float:
+    return float(get_redis().hget(f"gw:{{t{tenant_id}}}:tpm", "t"))
+
+
+def test_reserved_tokens_are_refunded_to_what_was_used(server, tenants):
+    tenant, _, secret = tenants.make(tier={"tokens_per_minute": 3000})
+    before = time.monotonic()
+    response = chat(server, secret, max_tokens=1000)
+    reserved_left = int(response.headers["x-ratelimit-remaining-tokens"])
+    usage = response.parse().usage
+    level = tokens_in_bucket(tenant.pk)
+    refill = (time.monotonic() - before) * 3000 / 60
+    assert reserved_left <= 3000 - 1000 - usage.prompt_tokens  # the reservation held max_tokens
+    assert 3000 - usage.total_tokens <= level <= 3000 - usage.total_tokens + refill + 1
+
+
+def test_an_overshoot_is_charged_not_refused_after_the_fact(server, tenants, fakes_reset):
+    tenant, _, secret = tenants.make(tier={"tokens_per_minute": 2000})
+    before = time.monotonic()
+    response = chat(server, secret, model="gpt-4o-mini", content="hi [[cache:900]]", max_tokens=5)
+    assert response.http_response.status_code == 200
+    usage = response.parse().usage
+    assert usage.prompt_tokens > 900  # the provider counted far more than we reserved
+    level = tokens_in_bucket(tenant.pk)
+    refill = (time.monotonic() - before) * 2000 / 60
+    assert 2000 - usage.total_tokens <= level <= 2000 - usage.total_tokens + refill + 1
+
+
+def test_a_request_bigger_than_the_token_limit_is_a_clear_400(server, tenants):
+    _, _, secret = tenants.make(tier={"tokens_per_minute": 100})
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(server, secret, max_tokens=500)
+    assert caught.value.body["code"] == "request_exceeds_limit"
+
+
+def test_context_window_overflow_is_400_context_length_exceeded(server, tenant):
+    long = "word " * 80
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(server, tenant[2], model="local-small", content=long)
+    assert caught.value.body["code"] == "context_length_exceeded"
+
+
+def test_trimming_drops_the_oldest_turns_and_says_how_many(server, tenant):
+    client = openai.OpenAI(base_url=server.base_url, api_key=tenant[2], max_retries=0)
+    messages = [{"role": "system", "content": "be brief"}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question number {i} " * 3}, {"role": "assistant", "content": f"answer {i} " * 3}]
+    messages.append({"role": "user", "content": "final question"})
+    response = client.chat.completions.with_raw_response.create(model="local-small", messages=messages, max_tokens=5,
+                                                                extra_body={"context_overflow": "trim_oldest"})
+    assert response.http_response.status_code == 200
+    assert int(response.headers["x-context-trimmed-messages"]) >= 2
+    assert response.parse().choices[0].message.content.startswith("Hello from")
+
+
+def slow_stream(url: str, secret: str, hang_up_after: int | None = None):
+    """Start a slow local stream; returns (request id, SSE text read)."""
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(f"{url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                                          json={"model": "local-slow", "stream": True, "messages": [{"role": "user", "content": "a long answer " * 8}]})
+            events = 0
+            async for line in response.content:
+                events += line.startswith(b"data: ")
+                if hang_up_after is not None and events >= hang_up_after:
+                    break
+            response.close()
+            return response.status, response.headers.get("x-request-id")
+    return run()
+
+
+def test_concurrency_limit_refuses_the_second_in_flight_call_and_frees_on_success(server, tenants):
+    tenant, _, secret = tenants.make(tier={"max_concurrent": 1})
+
+    async def scenario():
+        first = asyncio.ensure_future(slow_stream(server.base_url, secret))
+        await asyncio.sleep(0.3)
+        second = await post_many([(server.base_url, secret)], {"model": "local", "messages": [{"role": "user", "content": "x"}]})
+        status, _ = await first
+        return second[0], status
+
+    (second_status, second_headers), first_status = asyncio.run(scenario())
+    assert first_status == 200 and second_status == 429 and int(second_headers["Retry-After"]) >= 1
+    assert chat(server, secret).http_response.status_code == 200  # the slot was released
+
+
+def test_slot_is_released_on_upstream_error(server, tenants, fakes_reset):
+    _, _, secret = tenants.make(tier={"max_concurrent": 1})
+    with pytest.raises(openai.InternalServerError):
+        chat(server, secret, model="gpt-4o-mini", content="x [[fault:500]]")
+    assert chat(server, secret).http_response.status_code == 200
+
+
+def test_slot_is_released_when_the_client_hangs_up_mid_stream(server, tenants):
+    tenant, _, secret = tenants.make(tier={"max_concurrent": 1})
+    asyncio.run(slow_stream(server.base_url, secret, hang_up_after=2))
+    deadline = time.monotonic() + 2
+    while get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc"):
+        assert time.monotonic() < deadline, "slot still held after the client left"
+        time.sleep(0.05)
+    assert chat(server, secret).http_response.status_code == 200
+
+
+def test_slot_of_a_killed_worker_expires_by_itself(routes, server, tenants):
+    tenant, _, secret = tenants.make(tier={"max_concurrent": 1})
+    doomed = Server({"GW_SLOT_TTL_SECONDS": "1.5"})
+
+    async def scenario():
+        stream = asyncio.ensure_future(slow_stream(doomed.base_url, secret))
+        await asyncio.sleep(0.4)
+        doomed.stop(signal.SIGKILL)
+        try:
+            await stream
+        except aiohttp.ClientError:
+            pass
+
+    asyncio.run(scenario())
+    assert get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc") == 1  # the dead worker's slot
+    with pytest.raises(openai.RateLimitError):
+        chat(server, secret)
+    time.sleep(1.6)
+    assert chat(server, secret).http_response.status_code == 200
+
+
+def test_two_processes_admit_exactly_the_limit_out_of_a_burst(routes, server, tenants):
+    n = 20
+    _, _, secret = tenants.make(tier={"requests_per_minute": n, "requests_per_hour": None, "tokens_per_minute": None})
+    other = Server()
+    try:
+        targets = [(server.base_url if i % 2 else other.base_url, secret) for i in range(3 * n)]
+        started = time.monotonic()
+        results = asyncio.run(post_many(targets, {"model": "local", "messages": [{"role": "user", "content": "x"}]}))
+        elapsed = time.monotonic() - started
+    finally:
+        other.stop()
+    admitted = sum(status == 200 for status, _ in results)
+    refilled = int(elapsed * n / 60)
+    assert {status for status, _ in results} <= {200, 429}
+    assert n <= admitted <= n + refilled, (admitted, elapsed)
+
+
+def test_daily_budget_refuses_with_insufficient_quota_and_alerts_once(server, tenants, fakes_reset):
+    from billing.models import BudgetAlert
+
+    tenant, _, secret = tenants.make(tier={"daily_budget_usd": "0.0001", "monthly_budget_usd": None})
+    statuses = []
+    for _ in range(60):
+        try:
+            statuses.append(chat(server, secret, model="gpt-4o-mini", content="spend some money", max_tokens=10).http_response.status_code)
+        except openai.RateLimitError as exc:
+            assert exc.body["code"] == "insufficient_quota" and exc.body["type"] == "insufficient_quota"
+            statuses.append(429)
+            break
+    assert statuses[-1] == 429 and statuses[:-1] == [200] * (len(statuses) - 1) and len(statuses) > 2
+    drain_usage()
+    alerts = list(BudgetAlert.objects.filter(tenant=tenant).values_list("scope", "threshold"))
+    assert ("tenant", 80) in alerts and alerts.count(("tenant", 80)) == 1
+
+
+def test_key_override_limits_only_that_key(server, tenants):
+    from tenants.models import ApiKey
+
+    tenant, key, secret = tenants.make()
+    key.requests_per_minute = 1
+    key.save()
+    _, other_secret = ApiKey.issue(tenant)
+    time.sleep(1.1)  # local caches (1 s in tests) forget the old principal
+    assert chat(server, secret).http_response.status_code == 200
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(server, secret)
+    assert "this API key" in caught.value.body["message"]
+    assert chat(server, other_secret).http_response.status_code == 200
+
+
+def test_repeated_bad_keys_from_one_address_get_429(routes):
+    throttled = Server({"GW_BAD_KEY_RATE": "3/m"})
+    try:
+        statuses = []
+        for _ in range(5):
+            try:
+                chat(throttled, "sk-gw-" + "z" * 43)
+            except openai.APIStatusError as exc:
+                statuses.append(exc.status_code)
+        assert statuses[:3] == [401, 401, 401] and statuses[3:] == [429, 429]
+    finally:
+        throttled.stop()
+
+
+def test_redis_outage_is_a_fast_503_and_recovers_without_losing_rows(routes, tenants, tmp_path):
+    """A private Redis for this server: stop it mid-stream, then bring it back on the same port."""
+    from django.conf import settings as django_settings
+
+    from llm_platform.embedded import EmbeddedRedis
+
+    _, _, secret = tenants.make()
+    store = EmbeddedRedis(tmp_path / "redis", persist=False)
+    url = store.start()
+    server = Server({"REDIS_URL": url})
+    try:
+        async def outage():
+            stream = asyncio.ensure_future(slow_stream(server.base_url, secret))
+            await asyncio.sleep(0.3)
+            store.stop()
+            return await stream
+
+        status, request_id = asyncio.run(outage())
+        assert status == 200  # the call in flight finished
+        time.sleep(1.2)  # let the key cache expire so authentication needs Redis too
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(server, secret)
+        assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"]
+        assert time.monotonic() - started < 3
+        restarted = EmbeddedRedis(tmp_path / "redis", port=store.port, persist=False)
+        restarted.start()
+        store = restarted
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert chat(server, secret).http_response.status_code == 200
+                break
+            except openai.APIStatusError:
+                assert time.monotonic() < deadline, "did not recover after Redis came back"
+                time.sleep(0.2)
+        import redis as redis_lib
+
+        def buffered_ids():
+            rows = redis_lib.Redis.from_url(url).xrange(django_settings.GATEWAY["USAGE_STREAM"])
+            return {json.loads(fields[b"row"])["request_id"] for _, fields in rows}
+
+        deadline = time.monotonic() + 5
+        while request_id not in buffered_ids():  # the row settled during the outage is re-sent
+            assert time.monotonic() < deadline, "the row settled during the outage was lost"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+        store.stop()
