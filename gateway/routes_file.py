@@ -9,9 +9,12 @@ from urllib.parse import urlparse
 
 import yaml
 
+from .lane_policy import PolicyError, parse_policy
+
 PROVIDER_KINDS = {"openai", "anthropic", "openai-compatible", "local"}
 ROUTE_KEYS = {"model", "lanes", "description"}
-LANE_KEYS = {"provider", "upstream_model", "base_url", "api_key_env", "context_window", "prices", "options"}
+POLICY_KEYS = {"timeouts", "retry", "breaker", "limits"}
+LANE_KEYS = {"provider", "upstream_model", "base_url", "api_key_env", "context_window", "prices", "options"} | POLICY_KEYS
 PRICE_KEYS = {"input", "output", "cached_input"}
 _ENV = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 LINE = "__line__"
@@ -107,6 +110,13 @@ def _lane(raw, where: str) -> LaneData:
     options = raw.get("options") or {}
     if not isinstance(options, dict):
         raise _fail(f"{where}.options", line, "must be a mapping")
+    options = dict(options)
+    for key in POLICY_KEYS & set(raw):
+        options[key] = raw[key]
+    try:
+        parse_policy(options, where)
+    except PolicyError as exc:
+        raise _fail(str(exc).split(":")[0], line, str(exc).split(": ", 1)[1]) from None
     return LaneData(
         provider=provider,
         upstream_model=upstream.strip(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,9 +24,10 @@ from billing.pricing import cost_usd
 from billing.recorder import record
 from tenants.principal import Principal
 
-from . import limits
+from . import limits, resilience
 from .api.errors import GatewayError
-from .providers.base import get_provider
+from .lane_policy import policy_for
+from .providers.base import UpstreamError, get_provider
 from .routing import LaneSpec, Route, routes
 from .tokens import count_messages, count_text
 from .types import ChatRequest, Chunk, Completion, Outcome, Usage
@@ -72,6 +74,9 @@ class ChatCall:
         self.reserve_tokens = 0
         self.trimmed = 0
         self.admission: limits.Admission | None = None
+        self._done = False
+        self._next_lane = False
+        self._last_error: UpstreamError | None = None
 
     def preflight(self) -> None:
         """Count the prompt, check the context window (trimming if asked), size the reservation."""
@@ -116,24 +121,164 @@ class ChatCall:
     def response_headers(self) -> dict[str, str]:
         headers = dict(self.admission.headers) if self.admission else {}
         headers["x-upstream-model"] = self.outcome.upstream_model or self.lane.upstream_model
+        headers["x-upstream-provider"] = self.lane.provider
+        if self.retries:
+            headers["x-gateway-retries"] = str(self.retries)
         if self.trimmed:
             headers["x-context-trimmed-messages"] = str(self.trimmed)
         return headers
 
+    def _fresh_outcome(self) -> Outcome:
+        return Outcome(completion_text_parts=[] if self.req.stream or self.principal.store_content else None)
+
+    async def _lanes(self):
+        """Yield (ticket, attempt) in order: retries on a lane, then the next lane.
+
+        The caller reports each attempt's result through `self._attempt_failed` / success.
+        Raises the last provider error, or 503 when no lane could even be tried.
+        """
+        first_policy = policy_for(self.route.lanes[0])
+        deadline = time.monotonic() + first_policy.retry.max_total_s
+        skipped: list[resilience.Unavailable] = []
+        self._last_error = None
+        tried_any = False
+        for lane in self.route.lanes:
+            if not settings.GATEWAY["RESILIENCE_ENABLED"]:
+                ticket = resilience.Ticket(lane, policy_for(lane))
+            else:
+                ticket = await resilience.acquire(lane, self.prompt_tokens + self.reserve_tokens)
+            if isinstance(ticket, resilience.Unavailable):
+                skipped.append(ticket)
+                continue
+            for attempt in range(ticket.policy.retry.max_attempts):
+                if tried_any:
+                    self.retries += 1
+                tried_any = True
+                self._next_lane = False
+                yield ticket
+                error = self._last_error
+                if error is None or self._next_lane:
+                    break
+                left = deadline - time.monotonic()
+                if attempt + 1 >= ticket.policy.retry.max_attempts or not error.retryable:
+                    break
+                pause = resilience.backoff_s(attempt, ticket.policy, error.retry_after)
+                if pause >= left:
+                    break
+                await asyncio.sleep(pause)
+                if resilience_enabled():
+                    again = await resilience.acquire(lane, self.prompt_tokens + self.reserve_tokens)
+                    if isinstance(again, resilience.Unavailable):
+                        skipped.append(again)
+                        break
+                    ticket = again
+            if self._done or time.monotonic() >= deadline:
+                break
+            if self._last_error is not None and not self._may_fall_back(self._last_error):
+                break
+        if self._done:
+            return
+        if self._last_error is not None:
+            raise self._last_error
+        wait_ms = min((u.retry_after_ms for u in skipped), default=1000)
+        retry = str(max(1, math.ceil(wait_ms / 1000)))
+        raise GatewayError(
+            503, f"Every upstream lane for model '{self.req.model}' is unavailable right now "
+                 f"({'; '.join(u.text for u in skipped)}). Retry in {retry} s.",
+            type="server_error", code="all_lanes_unavailable", headers={"Retry-After": retry})
+
+    @staticmethod
+    def _may_fall_back(error: UpstreamError) -> bool:
+        """Another lane can help with provider trouble, not with a request the provider refused."""
+        return error.retryable or error.status >= 500 or error.upstream_status in (401, 403, 404, 429)
+
+    async def _settle_attempt(self, ticket, started: float, exc: BaseException | None) -> None:
+        latency_ms = (time.perf_counter() - started) * 1000
+        if isinstance(exc, UpstreamError):
+            self._last_error = exc
+            if exc.upstream_status == 429:
+                self._next_lane = True  # hold this lane for every process; try the next one now
+        elif exc is None:
+            self._last_error = None
+            self._done = True
+        if resilience_enabled():
+            outcome, detail = resilience.outcome_of(exc, latency_ms, ticket.policy)
+            hold_ms = int((exc.retry_after or 1) * 1000) if outcome == "limited" else 0
+            await resilience.report(ticket, outcome, detail, hold_ms)
+
     async def complete(self) -> Completion:
-        provider = get_provider(self.lane)
-        return await provider.complete(self.lane, self.req, self.outcome)
+        self._done = False
+        async for ticket in self._lanes():
+            self.lane, self.outcome = ticket.lane, self._fresh_outcome()
+            provider = get_provider(ticket.lane)
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(ticket.policy.total_s):
+                    completion = await provider.complete(ticket.lane, self.req, self.outcome)
+            except TimeoutError:
+                await self._settle_attempt(ticket, started, _timeout(ticket))
+                continue
+            except UpstreamError as exc:
+                await self._settle_attempt(ticket, started, exc)
+                if not self._may_fall_back(exc) and not exc.retryable:
+                    raise
+                continue
+            await self._settle_attempt(ticket, started, None)
+            return completion
+        raise AssertionError("unreachable: _lanes raises when no lane answered")
 
     async def stream(self) -> AsyncIterator[Chunk]:
-        """Chunks for the client; the usage-only chunk only when the client asked for it."""
-        provider = get_provider(self.lane)
+        """Chunks for the client; retries and fallback only until the first chunk exists."""
+        self._done = False
+        chunks = None
+        async for ticket in self._lanes():
+            self.lane, self.outcome = ticket.lane, self._fresh_outcome()
+            provider = get_provider(ticket.lane)
+            started = time.perf_counter()
+            chunks = provider.stream(ticket.lane, self.req, self.outcome)
+            try:
+                # The adapter enforces the idle timeout on each read; this bounds the whole wait.
+                async with asyncio.timeout(ticket.policy.total_s):
+                    first = await anext(chunks)
+            except (TimeoutError, StopAsyncIteration) as exc:
+                await chunks.aclose()
+                await self._settle_attempt(ticket, started, _timeout(ticket) if isinstance(exc, TimeoutError)
+                                           else UpstreamError(502, "The provider sent an empty stream.", code="upstream_empty", retryable=True))
+                continue
+            except UpstreamError as exc:
+                await self._settle_attempt(ticket, started, exc)
+                if not self._may_fall_back(exc) and not exc.retryable:
+                    raise
+                continue
+            break
+        else:
+            raise AssertionError("unreachable: _lanes raises when no lane answered")
+        served = ticket
         finished = False
-        async for chunk in provider.stream(self.lane, self.req, self.outcome):
-            if chunk.usage_only:
-                finished = True
-                if not self.req.include_usage:
-                    continue
-            yield chunk
+        failure: BaseException | None = None
+        try:
+            async with asyncio.timeout(served.policy.total_s):
+                if first.usage_only:
+                    finished = True
+                if not first.usage_only or self.req.include_usage:
+                    yield first
+                async for chunk in chunks:
+                    if chunk.usage_only:
+                        finished = True
+                        if not self.req.include_usage:
+                            continue
+                    yield chunk
+        except TimeoutError:
+            failure = _timeout(served)
+            raise failure from None
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            await chunks.aclose()
+            if failure is None or isinstance(failure, UpstreamError):
+                self._done = failure is None
+                await self._settle_attempt(served, started, failure)
         if not finished and self.outcome.finish_reason is None:
             self.partial = True
 
@@ -233,6 +378,15 @@ async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
         _settling.add(task)
         task.add_done_callback(_settling.discard)
         await asyncio.shield(task)  # if we are cancelled here, the task still finishes
+
+
+def resilience_enabled() -> bool:
+    return settings.GATEWAY["RESILIENCE_ENABLED"]
+
+
+def _timeout(ticket) -> UpstreamError:
+    return UpstreamError(504, f"The provider did not answer within {ticket.policy.total_s:.0f} s.",
+                         code="upstream_timeout", retryable=True)
 
 
 def _keep_slots(admission: limits.Admission | None) -> asyncio.Task | None:

@@ -149,6 +149,9 @@ GATEWAY = {
     # Usage rows are buffered in this Redis stream and written to PostgreSQL in batches.
     "USAGE_STREAM": env_str("GW_USAGE_STREAM", "gw:usage"),
     "ALERT_STREAM": env_str("GW_ALERT_STREAM", "gw:alerts"),
+    "BREAKER_STREAM": env_str("GW_BREAKER_STREAM", "gw:breaker-events"),
+    # Retries, circuit breakers and fallback across lanes. Off only for benchmarks.
+    "RESILIENCE_ENABLED": env_bool("GW_RESILIENCE_ENABLED", True),
     # Limits (requests/min, tokens/min, concurrency, budgets). Off only for benchmarks.
     "LIMITS_ENABLED": env_bool("GW_LIMITS_ENABLED", True),
     # A concurrency slot expires this long after its last heartbeat (a killed worker's slot).

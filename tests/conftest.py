@@ -67,13 +67,25 @@ def fake_anthropic():
     server.stop()
 
 
+def clear_lane_health() -> None:
+    """Breakers, 429 holds and upstream budgets are shared state: each test starts healthy."""
+    from llm_platform.redis import get_redis
+
+    client = get_redis()
+    keys = list(client.scan_iter("gw:lane:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
 @pytest.fixture()
-def fakes_reset(fake_openai, fake_anthropic):
+def fakes_reset(fake_openai, fake_anthropic, flushed_redis):
     fake_openai.reset()
     fake_anthropic.reset()
+    clear_lane_health()
     yield
     fake_openai.reset()
     fake_anthropic.reset()
+    clear_lane_health()
 
 
 def routes_yaml(openai_url: str, anthropic_root: str) -> str:

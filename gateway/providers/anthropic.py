@@ -21,6 +21,7 @@ import anthropic
 import httpx2  # the anthropic SDK's HTTP stack; its errors surface unwrapped mid-stream
 
 from ..api.errors import GatewayError
+from ..lane_policy import policy_for
 from ..routing import LaneSpec
 from ..types import ChatRequest, Chunk, Completion, Outcome, Usage
 from .base import Provider, UpstreamError, map_upstream_status, parse_retry_after, scrub, timeouts
@@ -427,10 +428,15 @@ class AnthropicProvider(Provider):
             code = "context_length_exceeded"
         return map_upstream_status(exc.status_code, message, code, parse_retry_after(exc.response.headers), self.kind)
 
-    async def _create(self, kwargs: dict[str, Any], stream: bool) -> Any:
+    async def _create(self, kwargs: dict[str, Any], stream: bool, lane: LaneSpec) -> Any:
         """`messages.create`, with the SDK's failures as the platform's UpstreamErrors."""
+        policy = policy_for(lane)
+        connect, total = timeouts()
+        total = policy.timeouts.total_s or total
+        idle = min(policy.timeouts.idle_s, total) if policy.timeouts.idle_s else total
+        timeout = anthropic.Timeout(total, connect=policy.timeouts.connect_s or connect, read=idle)
         try:
-            return await self.client.messages.create(**kwargs, stream=stream)
+            return await self.client.messages.create(**kwargs, stream=stream, timeout=timeout)
         except anthropic.APIStatusError as exc:
             raise self._status_error(exc) from None
         except anthropic.APITimeoutError:
@@ -442,7 +448,7 @@ class AnthropicProvider(Provider):
             raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed answer.", code="upstream_malformed", retryable=True) from None
 
     async def complete(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> Completion:
-        message = await self._create(to_anthropic(lane, req), stream=False)
+        message = await self._create(to_anthropic(lane, req), stream=False, lane=lane)
         outcome.first_token_at = time.perf_counter()
         outcome.provider_request_id = message._request_id
         obj = to_openai_completion(message)
@@ -454,7 +460,7 @@ class AnthropicProvider(Provider):
         return Completion(obj=obj)
 
     async def stream(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> AsyncIterator[Chunk]:
-        upstream = await self._create(to_anthropic(lane, req), stream=True)
+        upstream = await self._create(to_anthropic(lane, req), stream=True, lane=lane)
         outcome.provider_request_id = upstream.response.headers.get("request-id")
         mapper = StreamMapper(lane.upstream_model, outcome)
         try:
@@ -466,6 +472,8 @@ class AnthropicProvider(Provider):
                     break
         except anthropic.APIStatusError as exc:  # an `error` event inside a 200 stream
             raise UpstreamError(502, f"The provider '{self.kind}' reported an error mid-stream: {scrub(exc.api_message or str(exc.type))}", code="upstream_stream_error") from None
+        except (anthropic.APITimeoutError, httpx2.TimeoutException):
+            raise UpstreamError(504, f"The provider '{self.kind}' went silent mid-stream.", code="upstream_idle_timeout") from None
         except (anthropic.APIConnectionError, httpx2.HTTPError, httpx2.StreamError):
             raise UpstreamError(502, f"The provider '{self.kind}' stream broke off.", code="upstream_stream_cut") from None
         except json.JSONDecodeError:  # an event that is not JSON

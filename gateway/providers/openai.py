@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
+from ..lane_policy import policy_for
 from ..routing import LaneSpec
 from ..types import ChatRequest, Chunk, Completion, Outcome, Usage
 from .base import Provider, UpstreamError, map_upstream_status, parse_retry_after, scrub, timeouts
@@ -27,6 +28,15 @@ def build_body(lane: LaneSpec, req: ChatRequest, stream: bool) -> dict:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}  # the platform always needs usage
     return body
+
+
+def request_timeout(lane: LaneSpec) -> aiohttp.ClientTimeout:
+    """Per-lane: connect, idle between reads (also before the first byte) and the whole call."""
+    policy = policy_for(lane)
+    connect, total = timeouts()
+    return aiohttp.ClientTimeout(total=policy.timeouts.total_s or total,
+                                 sock_connect=policy.timeouts.connect_s or connect,
+                                 sock_read=policy.timeouts.idle_s or None)
 
 
 class OpenAIProvider(Provider):
@@ -54,9 +64,10 @@ class OpenAIProvider(Provider):
         if self._session is not None:
             await self._session.close()
 
-    async def _post(self, body: dict) -> aiohttp.ClientResponse:
+    async def _post(self, body: dict, lane: LaneSpec) -> aiohttp.ClientResponse:
         try:
-            response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers)
+            response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers,
+                                               timeout=request_timeout(lane))
         except TimeoutError:
             raise UpstreamError(504, f"The provider '{self.kind}' did not answer in time.", code="upstream_timeout", retryable=True) from None
         except aiohttp.ClientError as exc:
@@ -75,7 +86,7 @@ class OpenAIProvider(Provider):
         return response
 
     async def complete(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> Completion:
-        response = await self._post(build_body(lane, req, stream=False))
+        response = await self._post(build_body(lane, req, stream=False), lane)
         outcome.provider_request_id = response.headers.get("x-request-id")
         try:
             raw = await response.read()
@@ -96,7 +107,7 @@ class OpenAIProvider(Provider):
         return Completion(raw=raw, obj=obj)
 
     async def stream(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> AsyncIterator[Chunk]:
-        response = await self._post(build_body(lane, req, stream=True))
+        response = await self._post(build_body(lane, req, stream=True), lane)
         outcome.provider_request_id = response.headers.get("x-request-id")
         done = False
         try:
@@ -131,7 +142,9 @@ class OpenAIProvider(Provider):
                         if content:
                             outcome.completion_text_parts.append(content)
                 yield Chunk(raw=data, obj=obj, usage_only=not choices and bool(usage))
-        except (TimeoutError, aiohttp.ClientError):
+        except TimeoutError:  # aiohttp's sock_read: silence longer than the idle timeout
+            raise UpstreamError(504, f"The provider '{self.kind}' went silent mid-stream.", code="upstream_idle_timeout") from None
+        except aiohttp.ClientError:
             raise UpstreamError(502, f"The provider '{self.kind}' stream broke off.", code="upstream_stream_cut") from None
         finally:
             # Closing an unfinished response drops the connection, so the provider stops generating.

@@ -119,7 +119,7 @@ def test_stream_cut_midway_ends_with_an_error_event(server, tenant, fakes_reset,
     async def run():
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{server.base_url}/chat/completions", headers={"Authorization": f"Bearer {tenant[2]}"},
-                                    json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "a b c d e f [[fault:cut:2]]"}]}) as response:
+                                    json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "a b c d e f [[fault:cut:3]]"}]}) as response:
                 assert response.status == 200
                 return response.headers["x-request-id"], (await response.read()).decode()
 

@@ -1,0 +1,134 @@
+"""Lane health shared by every process: circuit breakers, coordinated 429 holds, upstream budgets.
+
+`acquire` asks Redis whether this process may call a lane now (lua/lane_acquire.lua) and
+`report` tells it how the call went (lua/lane_report.lua); both are one EVALSHA. Breaker
+transitions are appended to an events stream that the usage writer stores for admin.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+
+import redis.exceptions
+from django.conf import settings
+
+from llm_platform.redis import get_async_redis
+
+from .lane_policy import LanePolicy, policy_for
+from .limits import _Script
+from .providers.base import UpstreamError
+from .routing import LaneSpec
+
+log = logging.getLogger("gateway.resilience")
+ACQUIRE = _Script("lane_acquire.lua")
+REPORT = _Script("lane_report.lua")
+REASONS = {
+    "held": "rate limited by the provider",
+    "open": "circuit open",
+    "probing": "circuit half-open, probe in flight",
+    "upstream_budget": "provider account budget reached",
+}
+
+
+def lane_id(lane: LaneSpec) -> str:
+    """One breaker per provider + upstream model + credential, whatever routes share it."""
+    identity = f"{lane.provider}|{lane.base_url}|{lane.upstream_model}|{lane.api_key_env}"
+    return hashlib.sha1(identity.encode()).hexdigest()[:16]
+
+
+def lane_label(lane: LaneSpec) -> str:
+    return f"{lane.provider}:{lane.upstream_model}"
+
+
+def events_stream() -> str:
+    return settings.GATEWAY["BREAKER_STREAM"]
+
+
+def _keys(lane: LaneSpec) -> dict[str, str]:
+    base = f"gw:lane:{{{lane_id(lane)}}}"
+    return {"hold": f"{base}:hold", "breaker": f"{base}:br", "rpm": f"{base}:rpm", "tpm": f"{base}:tpm"}
+
+
+@dataclass(slots=True)
+class Ticket:
+    lane: LaneSpec
+    policy: LanePolicy
+    probe: bool = False
+
+
+@dataclass(slots=True)
+class Unavailable:
+    lane: LaneSpec
+    reason: str
+    retry_after_ms: int
+
+    @property
+    def text(self) -> str:
+        return f"{lane_label(self.lane)}: {REASONS.get(self.reason, self.reason)}"
+
+
+async def acquire(lane: LaneSpec, tokens: int) -> Ticket | Unavailable:
+    policy = policy_for(lane)
+    keys = _keys(lane)
+    try:
+        result = await ACQUIRE(get_async_redis(), [keys["hold"], keys["breaker"], events_stream(), keys["rpm"], keys["tpm"]],
+                               [int(policy.breaker.cooldown_s * 1000), policy.breaker.probes, policy.limits.rpm,
+                                policy.limits.tpm, tokens, lane_label(lane)])
+    except (redis.exceptions.RedisError, OSError):
+        log.warning("lane health unavailable; calling the lane anyway", extra={"lane": lane_label(lane)})
+        return Ticket(lane, policy)
+    if result[0] == 1:
+        return Ticket(lane, policy, probe=bool(result[1]))
+    reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
+    return Unavailable(lane, reason, int(result[2]))
+
+
+def outcome_of(exc: BaseException | None, latency_ms: float, policy: LanePolicy) -> tuple[str, str]:
+    """(outcome, detail) for the breaker: provider faults count, client mistakes do not."""
+    if exc is None:
+        if policy.breaker.slow_ms and latency_ms > policy.breaker.slow_ms:
+            return "slow", f"{latency_ms:.0f} ms > {policy.breaker.slow_ms} ms"
+        return "ok", ""
+    if isinstance(exc, UpstreamError):
+        if exc.upstream_status == 429:
+            return "limited", "429"
+        if exc.status == 504:
+            return "timeout", exc.code or "timeout"
+        if exc.status >= 500 or exc.upstream_status in (401, 403, 404):
+            return "error", exc.code or str(exc.status)
+        return "ok", ""  # the provider answered; the request itself was refused
+    return "error", type(exc).__name__
+
+
+async def report(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> None:
+    b = ticket.policy.breaker
+    keys = _keys(ticket.lane)
+    try:
+        await REPORT(get_async_redis(), [keys["breaker"], keys["hold"], events_stream()],
+                     [outcome, int(ticket.probe), hold_ms, b.error_rate, b.min_calls, b.window_s,
+                      int(b.cooldown_s * 1000), b.close_after, lane_label(ticket.lane), detail[:200]])
+    except (redis.exceptions.RedisError, OSError):
+        log.warning("could not report lane health", extra={"lane": lane_label(ticket.lane)})
+
+
+def backoff_s(attempt: int, policy: LanePolicy, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter, never sooner than the provider asked."""
+    ceiling = min(policy.retry.cap_ms, policy.retry.base_ms * (2 ** attempt)) / 1000
+    return max(random.uniform(0, ceiling), retry_after or 0.0)
+
+
+async def lane_states(lanes: list[LaneSpec]) -> list[dict]:
+    """For /status: each lane's breaker state, hold and recent window."""
+    client = get_async_redis()
+    out = []
+    for lane in lanes:
+        keys = _keys(lane)
+        state = await client.hgetall(keys["breaker"])
+        hold = await client.pttl(keys["hold"])
+        decoded = {k.decode(): v.decode() for k, v in state.items()}
+        out.append({"lane": lane_label(lane), "state": decoded.get("state", "closed"),
+                    "reason": decoded.get("reason", ""), "held_ms": max(hold, 0)})
+    return out
