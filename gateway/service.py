@@ -29,6 +29,7 @@ from .api.errors import GatewayError
 from .lane_policy import policy_for
 from .providers.base import UpstreamError, get_provider
 from .routing import LaneSpec, Route, routes
+from .structured import complete_structured, schema_of
 from .tokens import count_messages, count_text
 from .types import ChatRequest, Chunk, Completion, Outcome, Usage
 
@@ -77,6 +78,8 @@ class ChatCall:
         self._done = False
         self._next_lane = False
         self._last_error: UpstreamError | None = None
+        self._earlier_usage: list[Usage] = []
+        self.schema = schema_of(req)
 
     def preflight(self) -> None:
         """Count the prompt, check the context window (trimming if asked), size the reservation."""
@@ -207,6 +210,20 @@ class ChatCall:
             await resilience.report(ticket, outcome, detail, hold_ms)
 
     async def complete(self) -> Completion:
+        """The answer; with a strict JSON schema, validated and repaired once if needed."""
+        if self.schema is None:
+            return await self._complete_once(self.req)
+
+        async def once(req: ChatRequest) -> Completion:
+            if self.outcome.usage is not None:
+                self._earlier_usage.append(self.outcome.usage)  # the first call is billed too
+            return await self._complete_once(req)
+
+        completion, repairs = await complete_structured(once, self.req)
+        self.retries += repairs
+        return completion
+
+    async def _complete_once(self, req: ChatRequest) -> Completion:
         self._done = False
         async for ticket in self._lanes():
             self.lane, self.outcome = ticket.lane, self._fresh_outcome()
@@ -214,7 +231,7 @@ class ChatCall:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(ticket.policy.total_s):
-                    completion = await provider.complete(ticket.lane, self.req, self.outcome)
+                    completion = await provider.complete(ticket.lane, req, self.outcome)
             except TimeoutError:
                 await self._settle_attempt(ticket, started, _timeout(ticket))
                 continue
@@ -293,6 +310,14 @@ class ChatCall:
             self.partial = True
 
     def usage(self) -> Usage:
+        """All provider calls' usage (a structured-output repair is a second call)."""
+        usage = self._last_usage()
+        for earlier in self._earlier_usage:
+            usage = Usage(usage.prompt_tokens + earlier.prompt_tokens, usage.completion_tokens + earlier.completion_tokens,
+                          usage.cached_tokens + earlier.cached_tokens, usage.cache_creation_tokens + earlier.cache_creation_tokens)
+        return usage
+
+    def _last_usage(self) -> Usage:
         """The provider's count; when a call ended before it reported one, count what was sent."""
         if self.outcome.usage is not None:
             return self.outcome.usage

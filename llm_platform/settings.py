@@ -150,6 +150,9 @@ GATEWAY = {
     "USAGE_STREAM": env_str("GW_USAGE_STREAM", "gw:usage"),
     "ALERT_STREAM": env_str("GW_ALERT_STREAM", "gw:alerts"),
     "BREAKER_STREAM": env_str("GW_BREAKER_STREAM", "gw:breaker-events"),
+    # Streamed events are kept this long for resume (GET /v1/streams/{id} with Last-Event-ID).
+    "STREAM_TTL_SECONDS": env_int("GW_STREAM_TTL_SECONDS", 600),
+    "STREAM_RESUME_ENABLED": env_bool("GW_STREAM_RESUME_ENABLED", True),
     # Retries, circuit breakers and fallback across lanes. Off only for benchmarks.
     "RESILIENCE_ENABLED": env_bool("GW_RESILIENCE_ENABLED", True),
     # Limits (requests/min, tokens/min, concurrency, budgets). Off only for benchmarks.

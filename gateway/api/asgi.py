@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .chat import chat_completions, health, list_models, retrieve_model
+from .chat import chat_completions, health, list_models, resume_stream, retrieve_model
 from .errors import GatewayError
 from .http import Request, send_error
 
@@ -15,7 +15,7 @@ HOT_ROUTES = {
     "/v1/models": list_models,
     "/health": health,
 }
-PREFIX_ROUTES = (("/v1/models/", retrieve_model),)
+PREFIX_ROUTES = (("/v1/models/", retrieve_model), ("/v1/streams/", resume_stream))
 
 
 class GatewayHTTP:

@@ -18,6 +18,9 @@ from tenants.principal import Principal
 
 from ..routing import routes
 from ..service import CallContext, open_call, resolve_route
+from ..stream_store import StreamWriter, replay
+from ..stream_store import exists as stream_exists
+from ..structured import StreamChecker
 from .errors import GatewayError, method_not_allowed
 from .http import JSON, Request, header_list, send_json
 from .validation import parse_json, validate_chat
@@ -71,8 +74,14 @@ async def chat_completions(request: Request, receive, send) -> None:
     principal = await principal_of(request)
     req = validate_chat(parse_json(body), request.headers.get("x-feature"), request.headers.get("x-context-overflow"))
     ctx = CallContext(request.request_id)
-    respond = _stream if req.stream else _complete
-    await until_disconnect(respond(request, send, principal, req, ctx), receive)
+    if req.stream:
+        # A client that asks for a resumable stream may drop and come back: the call goes on.
+        resumable = request.headers.get("x-stream-resumable", "").lower() in ("1", "true", "yes")
+        sink = ClientSink(send)
+        await until_disconnect(_stream(request, sink, principal, req, ctx), receive,
+                               on_disconnect=None if not resumable else sink)
+    else:
+        await until_disconnect(_complete(request, send, principal, req, ctx), receive)
 
 
 async def _complete(request: Request, send, principal, req, ctx: CallContext) -> None:
@@ -81,7 +90,28 @@ async def _complete(request: Request, send, principal, req, ctx: CallContext) ->
         await send_json(send, 200, completion.data, request.request_id, call.response_headers())
 
 
+class ClientSink:
+    """`send` that remembers a client who left; a resumable stream keeps producing after that."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self.gone = False
+
+    async def __call__(self, message) -> None:
+        if self.gone:
+            return
+        try:
+            await self._send(message)
+        except OSError:
+            self.gone = True
+
+
+def _frame(seq: int, data: bytes) -> bytes:
+    return b"id: %d\ndata: %s\n\n" % (seq, data)
+
+
 async def _stream(request: Request, send, principal, req, ctx: CallContext) -> None:
+    sink = send if isinstance(send, ClientSink) else ClientSink(send)
     async with open_call(principal, req, ctx) as call:
         chunks = call.stream()
         # The first chunk decides the status: a provider refusal before it is a plain JSON error.
@@ -89,20 +119,77 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
             first = await anext(chunks)
         except StopAsyncIteration:
             first = None
+        store = StreamWriter(principal.tenant_id, request.request_id) if settings.GATEWAY["STREAM_RESUME_ENABLED"] else None
+        checker = StreamChecker(call.schema) if call.schema is not None else None
         extra = {**SSE_HEADERS, **call.response_headers()}
-        await send({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
+        if store is not None:
+            extra["x-stream-id"] = request.request_id
+        await sink({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
+        seq = 0
         try:
-            if first is not None:
-                await send({"type": "http.response.body", "body": b"data: " + first.data + b"\n\n", "more_body": True})
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": b"data: " + chunk.data + b"\n\n", "more_body": True})
+            pending = [first] if first is not None else []
+            async for chunk in _chain(pending, chunks):
+                data = chunk.data
+                seq = store.add(data) if store is not None else seq + 1
+                if checker is not None:
+                    checker.feed(chunk.as_dict)
+                await sink({"type": "http.response.body", "body": _frame(seq, data), "more_body": True})
+            problem = checker.problem() if checker is not None else None
+            if problem is not None:
+                raise GatewayError(502, f"The model's output did not match the requested JSON schema: {problem}",
+                                   type="server_error", code="structured_output_invalid")
         except GatewayError as exc:
             # After the first byte the status is sent: end with an error event, never silently.
             call.fail(exc)
             call.partial = True
-            await send({"type": "http.response.body", "body": b"data: " + exc.body() + b"\n\n", "more_body": False})
+            if store is not None:
+                await store.finish("error", exc.body())
+            await sink({"type": "http.response.body", "body": _frame(seq + 1, exc.body()), "more_body": False})
             return
-        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+        if store is not None:
+            await store.finish("done")
+        await sink({"type": "http.response.body", "body": b"id: %d\n" % (seq + 1) + DONE, "more_body": False})
+
+
+async def _chain(first: list, rest):
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+async def resume_stream(request: Request, receive, send) -> None:
+    """GET /v1/streams/{id} with `Last-Event-ID: N`: the events after N, then the live rest."""
+    if request.method != "GET":
+        raise method_not_allowed(request.method, request.path)
+    principal = await principal_of(request)
+    stream_id = request.path[len("/v1/streams/"):].strip("/")
+    last = request.headers.get("last-event-id") or _query(request, "last_event_id") or "0"
+    if not last.isdigit():
+        raise GatewayError(400, "Last-Event-ID must be the number of the last event received.", param="Last-Event-ID")
+    if not await stream_exists(principal.tenant_id, stream_id):
+        raise GatewayError(404, f"No stream '{stream_id}' (unknown, of another tenant, or expired).", code="stream_not_found")
+    await send({"type": "http.response.start", "status": 200,
+                "headers": header_list(request.request_id, SSE, {**SSE_HEADERS, "x-stream-id": stream_id})})
+    async for seq, kind, data in replay(principal.tenant_id, stream_id, int(last)):
+        if kind == "event":
+            body, more = _frame(seq, data), True
+        elif kind == "done":
+            body, more = b"id: %d\n" % seq + DONE, False
+        else:
+            body, more = _frame(seq, data), False
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+        if not more:
+            return
+    error = GatewayError(504, "The stream's producer stopped sending; it cannot be resumed further.", code="stream_stalled")
+    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": False})
+
+
+def _query(request: Request, name: str) -> str | None:
+    from urllib.parse import parse_qs
+
+    values = parse_qs(request.scope.get("query_string", b"").decode()).get(name)
+    return values[-1] if values else None
 
 
 def _model_entry(route) -> dict:
@@ -134,8 +221,11 @@ async def health(request: Request, receive, send) -> None:
     await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
 
 
-async def until_disconnect(work, receive) -> None:
-    """Run the handler; if the client hangs up first, cancel it (and so the upstream call)."""
+async def until_disconnect(work, receive, on_disconnect: ClientSink | None = None) -> None:
+    """Run the handler; if the client hangs up first, cancel it (and so the upstream call).
+
+    With `on_disconnect` (a resumable stream) the handler keeps running and only stops sending.
+    """
     handler = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -147,6 +237,9 @@ async def until_disconnect(work, receive) -> None:
     watcher = asyncio.ensure_future(watch())
     try:
         await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if on_disconnect is not None and not handler.done():
+            on_disconnect.gone = True
+            await asyncio.shield(handler)
     finally:
         if not handler.done():
             handler.cancel()

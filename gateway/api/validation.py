@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
+from ..structured import validate_schema
 from ..types import PASSTHROUGH_PARAMS, ChatRequest
 from .errors import GatewayError, invalid
 
@@ -209,8 +210,12 @@ def _validate_params(data: dict) -> dict:
                 "Invalid 'response_format.type': must be 'text', 'json_object' or 'json_schema'.",
                 "response_format",
             )
-        if fmt["type"] == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
-            raise invalid("'response_format.json_schema' is required for type json_schema.", "response_format.json_schema")
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise invalid("'response_format.json_schema' is required for type json_schema.", "response_format.json_schema")
+            if spec.get("strict") and "schema" in spec:
+                validate_schema(spec["schema"])
     names = _validate_tools(params["tools"]) if "tools" in params else []
     if "tool_choice" in params:
         _validate_tool_choice(params["tool_choice"], names)

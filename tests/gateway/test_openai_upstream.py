@@ -19,6 +19,21 @@ RESPONSE_SCHEMA = schema("openai.CreateChatCompletionResponse")
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
 
 
+def sse_events(body: str) -> list[tuple[int | None, str]]:
+    """(id, data) of each SSE event."""
+    events = []
+    for block in body.split("\n\n"):
+        ident, data = None, None
+        for line in block.split("\n"):
+            if line.startswith("id: "):
+                ident = int(line[4:])
+            elif line.startswith("data: "):
+                data = line[6:]
+        if data is not None:
+            events.append((ident, data))
+    return events
+
+
 def usage_row(request_id):
     from billing.models import UsageRecord
 
@@ -124,7 +139,7 @@ def test_stream_cut_midway_ends_with_an_error_event(server, tenant, fakes_reset,
                 return response.headers["x-request-id"], (await response.read()).decode()
 
     request_id, body = asyncio.run(run())
-    events = [line[6:] for line in body.split("\n\n") if line.startswith("data: ")]
+    events = [data for _, data in sse_events(body)]
     assert events[-1] != "[DONE]"
     assert json.loads(events[-1])["error"]["code"] == "upstream_stream_cut"
     row = usage_row(request_id)

@@ -1,0 +1,100 @@
+"""Keep streamed events in Redis for a while, so a client that lost its connection can resume.
+
+Each SSE event of a chat stream gets a sequence number (its `id:`) and is appended to a Redis
+stream under the tenant, with entry id `<seq>-0`, in small batches (one pipeline per few ms, not
+a round trip per chunk). The last entry marks the end (`done` or `error`). A reader resumes
+after any sequence number with XREAD, following live events until the end marker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import redis.exceptions
+from django.conf import settings
+
+from llm_platform.redis import get_async_redis
+
+log = logging.getLogger("gateway.streams")
+FLUSH_AFTER_S = 0.005
+_flushing: set[asyncio.Task] = set()
+
+
+def stream_key(tenant_id: int, stream_id: str) -> str:
+    return f"gw:{{t{tenant_id}}}:stream:{stream_id}"
+
+
+def ttl() -> int:
+    return int(settings.GATEWAY["STREAM_TTL_SECONDS"])
+
+
+class StreamWriter:
+    """Buffers (seq, data) and writes them in batches; `finish` writes the end marker."""
+
+    def __init__(self, tenant_id: int, stream_id: str) -> None:
+        self.key = stream_key(tenant_id, stream_id)
+        self.seq = 0
+        self._buffer: list[tuple[int, bytes]] = []
+        self._task: asyncio.Task | None = None
+        self.failed = False
+
+    def add(self, data: bytes) -> int:
+        self.seq += 1
+        self._buffer.append((self.seq, data))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._flush_soon())
+            _flushing.add(self._task)
+            self._task.add_done_callback(_flushing.discard)
+        return self.seq
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_AFTER_S)
+        await self._flush()
+
+    async def _flush(self, end: str | None = None, detail: bytes = b"") -> None:
+        batch, self._buffer = self._buffer, []
+        if not batch and end is None:
+            return
+        try:
+            async with get_async_redis().pipeline(transaction=False) as pipe:
+                for seq, data in batch:
+                    pipe.xadd(self.key, {"d": data}, id=f"{seq}-0")
+                if end is not None:
+                    pipe.xadd(self.key, {"end": end, "d": detail}, id=f"{self.seq + 1}-0")
+                pipe.expire(self.key, ttl())
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError):
+            # Resume is best effort; the live stream goes on without it.
+            if not self.failed:
+                log.warning("could not keep stream events for resume", extra={"stream": self.key})
+            self.failed = True
+
+    async def finish(self, end: str = "done", detail: bytes = b"") -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        await self._flush(end, detail)
+
+
+async def exists(tenant_id: int, stream_id: str) -> bool:
+    return bool(await get_async_redis().exists(stream_key(tenant_id, stream_id)))
+
+
+async def replay(tenant_id: int, stream_id: str, after: int, wait_s: float = 30.0) -> AsyncIterator[tuple[int, str, bytes]]:
+    """(seq, kind, data) after `after`: kind is `event`, `done` or `error`; follows live events."""
+    client = get_async_redis()
+    key = stream_key(tenant_id, stream_id)
+    last = f"{after}-0"
+    while True:
+        result = await client.xread({key: last}, count=500, block=int(wait_s * 1000))
+        if not result:
+            return  # nothing new for wait_s: the producer is gone
+        for entry_id, fields in result[0][1]:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            seq = int(last.split("-", 1)[0])
+            end = fields.get(b"end")
+            if end is not None:
+                yield seq, end.decode(), fields.get(b"d", b"")
+                return
+            yield seq, "event", fields[b"d"]
