@@ -19,6 +19,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from llm_platform.redis import get_redis
+from gateway.events import drain_breaker_events
 from tenants.models import ApiKey
 
 from .models import UsageRecord
@@ -84,6 +85,7 @@ def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | No
     consumer = consumer or default_consumer()
     ensure_group(client)
     drain_alerts()
+    drain_breaker_events()
     entries = _read(client, consumer, count, block_ms)
     if not entries:
         return 0
@@ -134,6 +136,6 @@ def drain_all(consumer: str | None = None) -> int:
     total = 0
     while handled := drain_once(consumer, block_ms=None):
         total += handled
-    while drain_alerts():
+    while drain_alerts() or drain_breaker_events():
         pass
     return total

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Lane, ModelRoute
+from .models import BreakerEvent, Lane, ModelRoute
 
 
 class LaneInline(admin.TabularInline):
@@ -20,3 +20,16 @@ class ModelRouteAdmin(admin.ModelAdmin):
     @admin.display(description="lanes")
     def lane_summary(self, obj):
         return " → ".join(f"{lane.provider}:{lane.upstream_model}" for lane in obj.lanes.all())
+
+
+@admin.register(BreakerEvent)
+class BreakerEventAdmin(admin.ModelAdmin):
+    list_display = ("at", "lane", "from_state", "to_state", "reason")
+    list_filter = ("to_state", "lane")
+    readonly_fields = [f.name for f in BreakerEvent._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -52,3 +52,20 @@ class Lane(models.Model):
 
     def __str__(self) -> str:
         return f"{self.route.model}[{self.position}] {self.provider}:{self.upstream_model}"
+
+
+class BreakerEvent(models.Model):
+    """A lane's circuit breaker changed state (closed / open / half_open), and why."""
+
+    lane = models.CharField(max_length=300)
+    from_state = models.CharField(max_length=16)
+    to_state = models.CharField(max_length=16)
+    reason = models.CharField(max_length=300)
+    at = models.DateTimeField(db_index=True)
+    event_id = models.CharField(max_length=64, unique=True)  # the Redis stream id: retry-safe
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"{self.lane}: {self.from_state} -> {self.to_state}"

@@ -118,17 +118,3 @@ def backoff_s(attempt: int, policy: LanePolicy, retry_after: float | None) -> fl
     """Exponential backoff with full jitter, never sooner than the provider asked."""
     ceiling = min(policy.retry.cap_ms, policy.retry.base_ms * (2 ** attempt)) / 1000
     return max(random.uniform(0, ceiling), retry_after or 0.0)
-
-
-async def lane_states(lanes: list[LaneSpec]) -> list[dict]:
-    """For /status: each lane's breaker state, hold and recent window."""
-    client = get_async_redis()
-    out = []
-    for lane in lanes:
-        keys = _keys(lane)
-        state = await client.hgetall(keys["breaker"])
-        hold = await client.pttl(keys["hold"])
-        decoded = {k.decode(): v.decode() for k, v in state.items()}
-        out.append({"lane": lane_label(lane), "state": decoded.get("state", "closed"),
-                    "reason": decoded.get("reason", ""), "held_ms": max(hold, 0)})
-    return out

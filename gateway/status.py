@@ -20,6 +20,20 @@ def _reachable(url: str) -> bool:
         return False
 
 
+def _breaker(lane: Lane) -> dict:
+    """The lane's shared breaker state, read straight from Redis."""
+    from llm_platform.redis import get_redis
+
+    from .resilience import _keys
+    from .routing import _lane_spec
+
+    keys = _keys(_lane_spec(lane, lane.route.model))
+    client = get_redis()
+    state = {k.decode(): v.decode() for k, v in client.hgetall(keys["breaker"]).items()}
+    return {"state": state.get("state", "closed"), "reason": state.get("reason", ""),
+            "held_ms": max(client.pttl(keys["hold"]), 0)}
+
+
 def lane_status() -> list[dict]:
     results = []
     probed: dict[str, bool] = {}
@@ -41,5 +55,6 @@ def lane_status() -> list[dict]:
             "credential_env": lane.api_key_env or None,
             "configured": configured,
             "reachable": reachable,
+            "breaker": _breaker(lane),
         })
     return results

@@ -125,6 +125,70 @@ routes:
         api_key_env: FAKE_UPSTREAM_KEY
         context_window: 200000
         prices: {{input: "3", output: "15", cached_input: "0.30"}}
+  - model: fallback-openai-first
+    lanes:
+      - provider: openai-compatible
+        upstream_model: fb-openai
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+        retry: {{max_attempts: 1}}
+      - provider: anthropic
+        upstream_model: fb-claude
+        base_url: {anthropic_root}
+        api_key_env: FAKE_UPSTREAM_KEY
+  - model: fallback-anthropic-first
+    lanes:
+      - provider: anthropic
+        upstream_model: fb2-claude
+        base_url: {anthropic_root}
+        api_key_env: FAKE_UPSTREAM_KEY
+        retry: {{max_attempts: 1}}
+      - provider: openai-compatible
+        upstream_model: fb2-openai
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+  - model: flaky
+    lanes:
+      - provider: openai-compatible
+        upstream_model: flaky-model
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+        retry: {{max_attempts: 1}}
+        breaker: {{min_calls: 4, error_rate: 0.5, cooldown_s: 1.5, close_after: 2, probes: 1}}
+  - model: brownout
+    lanes:
+      - provider: openai-compatible
+        upstream_model: brownout-model
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+        breaker: {{min_calls: 3, slow_ms: 150, cooldown_s: 30}}
+  - model: dead-primary
+    lanes:
+      - provider: openai-compatible
+        upstream_model: dead-model
+        base_url: http://127.0.0.1:9/v1
+        retry: {{max_attempts: 2, base_ms: 10}}
+      - provider: openai-compatible
+        upstream_model: alive-model
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+  - model: slowpoke
+    lanes:
+      - provider: openai-compatible
+        upstream_model: slow-model
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+        timeouts: {{total_s: 1, idle_s: 0.5}}
+        retry: {{max_attempts: 1}}
+  - model: budgeted
+    lanes:
+      - provider: openai-compatible
+        upstream_model: budget-model
+        base_url: {openai_url}
+        api_key_env: FAKE_UPSTREAM_KEY
+        limits: {{rpm: 2}}
+      - provider: local
+        upstream_model: local
   - model: unconfigured
     lanes:
       - provider: openai
