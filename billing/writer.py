@@ -18,8 +18,8 @@ import redis
 from django.db import transaction
 from django.db.models import Q
 
-from llm_platform.redis import get_redis
 from gateway.events import drain_breaker_events
+from llm_platform.redis import get_redis
 from tenants.models import ApiKey
 
 from .models import UsageRecord

@@ -153,6 +153,8 @@ GATEWAY = {
     # Streamed events are kept this long for resume (GET /v1/streams/{id} with Last-Event-ID).
     "STREAM_TTL_SECONDS": env_int("GW_STREAM_TTL_SECONDS", 600),
     "STREAM_RESUME_ENABLED": env_bool("GW_STREAM_RESUME_ENABLED", True),
+    # How long a completed request's response is kept for replay under its Idempotency-Key.
+    "IDEMPOTENCY_TTL_SECONDS": env_int("GW_IDEMPOTENCY_TTL_SECONDS", 86400),
     # Retries, circuit breakers and fallback across lanes. Off only for benchmarks.
     "RESILIENCE_ENABLED": env_bool("GW_RESILIENCE_ENABLED", True),
     # Limits (requests/min, tokens/min, concurrency, budgets). Off only for benchmarks.

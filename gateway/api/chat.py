@@ -7,6 +7,7 @@ Plain async ASGI handlers, no Django request/response objects, no middleware, no
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 import redis.exceptions
@@ -16,6 +17,7 @@ from django.conf import settings
 from tenants.auth import AuthenticationFailed, authenticate, extract_key
 from tenants.principal import Principal
 
+from .. import idempotency
 from ..routing import routes
 from ..service import CallContext, open_call, resolve_route
 from ..stream_store import StreamWriter, replay
@@ -28,6 +30,7 @@ from .validation import parse_json, validate_chat
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE = b"text/event-stream; charset=utf-8"
 DONE = b"data: [DONE]\n\n"
+ATTACH_POLL_S = 1.0  # a duplicate attached to a running stream checks on its producer this often
 
 
 async def principal_of(request: Request) -> Principal:
@@ -72,12 +75,21 @@ async def chat_completions(request: Request, receive, send) -> None:
         raise method_not_allowed(request.method, request.path)
     body = await request.read_body(receive, settings.GATEWAY["MAX_BODY_BYTES"])
     principal = await principal_of(request)
-    req = validate_chat(parse_json(body), request.headers.get("x-feature"), request.headers.get("x-context-overflow"))
+    data = parse_json(body)
+    req = validate_chat(data, request.headers.get("x-feature"), request.headers.get("x-context-overflow"))
     ctx = CallContext(request.request_id)
+    key = request.headers.get(idempotency.HEADER)
+    if key is not None:
+        await _idempotent(request, receive, send, principal, req, ctx, idempotency.check_key(key), data)
+    else:
+        await _serve(request, receive, send, principal, req, ctx)
+
+
+async def _serve(request: Request, receive, send, principal, req, ctx: CallContext) -> None:
     if req.stream:
         # A client that asks for a resumable stream may drop and come back: the call goes on.
         resumable = request.headers.get("x-stream-resumable", "").lower() in ("1", "true", "yes")
-        sink = ClientSink(send)
+        sink = send if isinstance(send, ClientSink) else ClientSink(send)
         await until_disconnect(_stream(request, sink, principal, req, ctx), receive,
                                on_disconnect=None if not resumable else sink)
     else:
@@ -171,7 +183,20 @@ async def resume_stream(request: Request, receive, send) -> None:
         raise GatewayError(404, f"No stream '{stream_id}' (unknown, of another tenant, or expired).", code="stream_not_found")
     await send({"type": "http.response.start", "status": 200,
                 "headers": header_list(request.request_id, SSE, {**SSE_HEADERS, "x-stream-id": stream_id})})
-    async for seq, kind, data in replay(principal.tenant_id, stream_id, int(last)):
+    _, ended = await _send_kept(send, principal.tenant_id, stream_id, int(last))
+    if not ended:
+        error = GatewayError(504, "The stream's producer stopped sending; it cannot be resumed further.", code="stream_stalled")
+        await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": False})
+
+
+async def _send_kept(send, tenant_id: int, stream_id: str, after: int, wait_s: float = 30.0,
+                     start: dict | None = None) -> tuple[int, bool]:
+    """Send a stream's kept events after `after` as SSE frames, following live ones, preceded by
+    `start` (the response start) if given and anything comes. (last id sent, whether it ended)."""
+    async for seq, kind, data in replay(tenant_id, stream_id, after, wait_s):
+        if start is not None:
+            await send(start)
+            start = None
         if kind == "event":
             body, more = _frame(seq, data), True
         elif kind == "done":
@@ -179,10 +204,125 @@ async def resume_stream(request: Request, receive, send) -> None:
         else:
             body, more = _frame(seq, data), False
         await send({"type": "http.response.body", "body": body, "more_body": more})
+        after = seq
         if not more:
+            return after, True
+    return after, False
+
+
+# --- Idempotency-Key (gateway/idempotency.py keeps the records) ---------------------------------
+
+class _Recorder(ClientSink):
+    """The sink of a call that holds an idempotency claim: notes what was sent, even to a client
+    who left (a resumable stream goes on): the status, the headers, and the JSON body or whether
+    the stream ended with [DONE]."""
+
+    def __init__(self, send, keep_body: bool) -> None:
+        super().__init__(send)
+        self.status = 0
+        self.headers: list = []
+        self.parts: list[bytes] | None = [] if keep_body else None
+        self.ended = False
+        self.done = False
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.headers = message["status"], message["headers"]
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if self.parts is not None:
+                self.parts.append(body)
+            if not message.get("more_body", False):
+                self.ended = True
+                self.done = body.endswith(DONE)
+        await super().__call__(message)
+
+    def succeeded(self) -> bool:
+        return self.status == 200 and self.ended and (self.parts is not None or self.done)
+
+
+async def _idempotent(request: Request, receive, send, principal, req, ctx: CallContext, key: str, data: dict) -> None:
+    """One provider call per key: run it if we claim the key, else wait for / attach to / replay it."""
+    fp = idempotency.fingerprint(data)
+    tenant_id = principal.tenant_id
+    deadline = time.monotonic() + idempotency.wait_limit_s()
+    while True:
+        claim, record = await idempotency.claim(tenant_id, key, fp, request.request_id, req.stream)
+        if claim is not None:
+            await _run_claimed(request, receive, send, principal, req, ctx, claim)
             return
-    error = GatewayError(504, "The stream's producer stopped sending; it cannot be resumed further.", code="stream_stalled")
-    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": False})
+        if record.stream and not settings.GATEWAY["STREAM_RESUME_ENABLED"]:
+            raise GatewayError(409, "A streamed request with this Idempotency-Key exists, but stream events are not "
+                                    "kept on this platform (GW_STREAM_RESUME_ENABLED is off), so it cannot be replayed.",
+                               code="idempotency_stream_unavailable", param=idempotency.PARAM)
+        follow = _follow_stream if record.stream else _follow_json
+        retry: list[bool] = []
+        await until_disconnect(follow(request, send, tenant_id, key, fp, record, deadline, retry), receive)
+        if not retry:
+            return
+        # The first attempt gave up before sending anything: claim the key again (or follow its retry).
+
+
+async def _run_claimed(request: Request, receive, send, principal, req, ctx: CallContext, claim) -> None:
+    recorder = _Recorder(send, keep_body=not req.stream)
+    claim.keep_alive()
+    try:
+        await _serve(request, receive, recorder, principal, req, ctx)
+    finally:
+        success = recorder.succeeded()
+        await claim.finish(success, recorder.headers, b"".join(recorder.parts or ()) if success else b"")
+
+
+def _replayed(record) -> dict[str, str]:
+    return {"x-idempotent-replayed": "true", "x-original-request-id": record.request_id}
+
+
+async def _follow_json(request: Request, send, tenant_id: int, key: str, fp: str, record, deadline: float,
+                       retry: list) -> None:
+    """Answer with the first request's stored JSON response, once it has one."""
+    if record.state != "done":
+        record = await idempotency.wait_done(tenant_id, key, fp, deadline)
+        if record is None:
+            retry.append(True)
+            return
+    await send_json(send, 200, record.body, request.request_id, {**record.headers, **_replayed(record)})
+
+
+async def _follow_stream(request: Request, send, tenant_id: int, key: str, fp: str, record, deadline: float,
+                         retry: list) -> None:
+    """Replay the first request's stream from its first event, following it live while it runs."""
+    stream_id = record.request_id
+    if record.state == "done" and not await stream_exists(tenant_id, stream_id):
+        raise GatewayError(409, "The streamed response for this Idempotency-Key has expired "
+                                f"(stream events are kept {settings.GATEWAY['STREAM_TTL_SECONDS']} s); "
+                                "send the request again with a new key.",
+                           code="idempotency_stream_expired", param=idempotency.PARAM)
+    start = {"type": "http.response.start", "status": 200,
+             "headers": header_list(request.request_id, SSE, {**SSE_HEADERS, **record.headers, "x-stream-id": stream_id,
+                                                               **_replayed(record)})}
+    last, finished = 0, False
+    while True:
+        last, ended = await _send_kept(send, tenant_id, stream_id, last, ATTACH_POLL_S, start if last == 0 else None)
+        if ended:
+            return
+        # Nothing new for a while: is the first request still producing?
+        current = await idempotency.peek(tenant_id, key)
+        if current is not None and current.request_id == stream_id and not finished:
+            if current.state == "done":
+                finished = True  # its end marker must be there now: one more read
+            elif last == 0 and time.monotonic() >= deadline:
+                raise idempotency.in_progress()
+            continue
+        if last == 0:
+            if current is not None and current.request_id == stream_id:  # done, but its events are gone
+                raise GatewayError(409, "The streamed response for this Idempotency-Key can no longer be replayed.",
+                                   code="idempotency_stream_expired", param=idempotency.PARAM)
+            retry.append(True)  # it gave up before its first event: take over
+            return
+        error = GatewayError(502, "The original request with this Idempotency-Key stopped before finishing; "
+                                  "send it again with the same key.", code="idempotency_original_failed")
+        await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": False})
+        return
 
 
 def _query(request: Request, name: str) -> str | None:
