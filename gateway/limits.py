@@ -41,11 +41,40 @@ class _Script:
         self.source = (_LUA / name).read_text()
         self._scripts: dict[int, object] = {}
 
-    def __call__(self, client, keys: list, args: list):
+    def _for(self, client):
         script = self._scripts.get(id(client))
         if script is None:
             script = self._scripts[id(client)] = client.register_script(self.source)
-        return script(keys=keys, args=args)
+        return script
+
+    def __call__(self, client, keys: list, args: list):
+        return self._for(client)(keys=keys, args=args)
+
+    def call(self, keys: list, args: list) -> ScriptCall:
+        return ScriptCall(self, keys, args)
+
+
+@dataclass(slots=True)
+class ScriptCall:
+    """One prepared script invocation; several run in a single pipeline (one round trip)."""
+
+    script: _Script
+    keys: list
+    args: list
+
+
+async def run_scripts(calls: list[ScriptCall]) -> list:
+    """Run prepared scripts in one round trip; results in order. Raises on a Redis failure."""
+    if not calls:
+        return []
+    client = get_async_redis()
+    if len(calls) == 1:
+        return [await calls[0].script(client, calls[0].keys, calls[0].args)]
+    async with client.pipeline(transaction=False) as pipe:
+        for call in calls:
+            script = call.script._for(client)
+            await script(keys=call.keys, args=call.args, client=pipe)
+        return await pipe.execute()
 
 
 ADMIT = _Script("admit.lua")
@@ -137,7 +166,7 @@ def estimate_nano(lane: LaneSpec, prompt_tokens: int, reserved_completion: int) 
     return nano((prompt_tokens * lane.price_input + reserved_completion * lane.price_output) / 1_000_000)
 
 
-def _unavailable() -> GatewayError:
+def unavailable() -> GatewayError:
     return GatewayError(503, "The platform's limit store is unreachable; retry shortly.", type="server_error",
                         code="limits_unavailable", headers={"Retry-After": "2"})
 
@@ -156,12 +185,12 @@ def _refusal(limit: Limit, retry_ms: int, headers: dict) -> GatewayError:
         headers={**headers, "Retry-After": retry})
 
 
-async def admit(principal: Principal, request_id: str, tokens: int, estimate: int) -> Admission:
-    """Reserve every limit for this request or raise 429 (limit hit) / 503 (Redis away)."""
+def prepare_admission(principal: Principal, request_id: str, tokens: int, estimate: int) -> tuple[Admission, ScriptCall | None]:
+    """The admission script call for this request (None when the principal has no limits)."""
     limits = _limits_for(principal, tokens, estimate)
     admission = Admission(request_id=request_id, tenant_id=principal.tenant_id, reserved_tokens=tokens, estimate_nano=estimate)
     if not limits:
-        return admission
+        return admission, None
     for limit in limits:
         {"bucket": admission.buckets, "slots": admission.slots, "budget": admission.budgets}[limit.kind].append(limit)
     too_big = next((b for b in admission.buckets if b.cost > b.limit), None)
@@ -179,15 +208,30 @@ async def admit(principal: Principal, request_id: str, tokens: int, estimate: in
         args.append(s.limit)
     for m in admission.budgets:
         args += [int(m.limit), m.cost, m.ttl]
-    try:
-        result = await ADMIT(get_async_redis(), keys, args)
-    except (redis.exceptions.RedisError, OSError):
-        raise _unavailable() from None
+    return admission, ADMIT.call(keys, args)
+
+
+def finish_admission(admission: Admission, result) -> Admission:
+    """Turn the admission script's answer into headers, or raise the refusal."""
+    if isinstance(result, Exception):
+        raise unavailable() from None
     if result[0] == 0:
-        limit = ordered[result[1] - 1]
-        raise _refusal(limit, int(result[2]), {})
+        ordered = admission.buckets + admission.slots + admission.budgets
+        raise _refusal(ordered[result[1] - 1], int(result[2]), {})
     admission.headers = _headers(admission.buckets, result[1:])
     return admission
+
+
+async def admit(principal: Principal, request_id: str, tokens: int, estimate: int) -> Admission:
+    """Reserve every limit for this request or raise 429 (limit hit) / 503 (Redis away)."""
+    admission, call = prepare_admission(principal, request_id, tokens, estimate)
+    if call is None:
+        return admission
+    try:
+        (result,) = await run_scripts([call])
+    except (redis.exceptions.RedisError, OSError):
+        raise unavailable() from None
+    return finish_admission(admission, result)
 
 
 def _headers(buckets: list[Limit], values: list) -> dict[str, str]:
@@ -216,8 +260,8 @@ def alert_stream() -> str:
     return settings.GATEWAY["ALERT_STREAM"]
 
 
-async def settle(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> None:
-    """Refund or charge tokens, release the slot, settle spend, buffer the row: one round trip."""
+def settle_call(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> ScriptCall:
+    """Refund or charge tokens, release the slot, settle spend, buffer the row: one script."""
     buckets = [b for b in admission.buckets if b.header == "tokens"]
     keys = [b.key for b in buckets] + [s.key for s in admission.slots] + [m.key for m in admission.budgets]
     keys += [usage_stream(), alert_stream()]
@@ -228,7 +272,7 @@ async def settle(admission: Admission, used_tokens: int, cost: Decimal, row: dic
     for m in admission.budgets:
         args += [int(m.limit), delta, m.ttl, m.scope, m.period]
     args += [orjson.dumps(row, default=str), admission.tenant_id]
-    await SETTLE(get_async_redis(), keys, args)
+    return SETTLE.call(keys, args)
 
 
 async def refresh_slots(admission: Admission) -> None:

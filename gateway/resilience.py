@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import redis.exceptions
 from django.conf import settings
 
-from llm_platform.redis import get_async_redis
-
 from .lane_policy import LanePolicy, policy_for
-from .limits import _Script
+from .limits import ScriptCall, _Script, run_scripts
 from .providers.base import UpstreamError
 from .routing import LaneSpec
 
@@ -70,14 +68,25 @@ class Unavailable:
         return f"{lane_label(self.lane)}: {REASONS.get(self.reason, self.reason)}"
 
 
-async def acquire(lane: LaneSpec, tokens: int) -> Ticket | Unavailable:
+def acquire_call(lane: LaneSpec, tokens: int) -> ScriptCall:
     policy = policy_for(lane)
     keys = _keys(lane)
+    return ACQUIRE.call([keys["hold"], keys["breaker"], events_stream(), keys["rpm"], keys["tpm"]],
+                        [int(policy.breaker.cooldown_s * 1000), policy.breaker.probes, policy.limits.rpm,
+                         policy.limits.tpm, tokens, lane_label(lane)])
+
+
+async def acquire(lane: LaneSpec, tokens: int) -> Ticket | Unavailable:
     try:
-        result = await ACQUIRE(get_async_redis(), [keys["hold"], keys["breaker"], events_stream(), keys["rpm"], keys["tpm"]],
-                               [int(policy.breaker.cooldown_s * 1000), policy.breaker.probes, policy.limits.rpm,
-                                policy.limits.tpm, tokens, lane_label(lane)])
-    except (redis.exceptions.RedisError, OSError):
+        (result,) = await run_scripts([acquire_call(lane, tokens)])
+    except (redis.exceptions.RedisError, OSError) as exc:
+        result = exc
+    return ticket_from(lane, result)
+
+
+def ticket_from(lane: LaneSpec, result) -> Ticket | Unavailable:
+    policy = policy_for(lane)
+    if isinstance(result, Exception):
         log.warning("lane health unavailable; calling the lane anyway", extra={"lane": lane_label(lane)})
         return Ticket(lane, policy)
     if result[0] == 1:
@@ -103,15 +112,23 @@ def outcome_of(exc: BaseException | None, latency_ms: float, policy: LanePolicy)
     return "error", type(exc).__name__
 
 
-async def report(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> None:
+def report_call(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> ScriptCall:
     b = ticket.policy.breaker
     keys = _keys(ticket.lane)
+    return REPORT.call([keys["breaker"], keys["hold"], events_stream()],
+                       [outcome, int(ticket.probe), hold_ms, b.error_rate, b.min_calls, b.window_s,
+                        int(b.cooldown_s * 1000), b.close_after, lane_label(ticket.lane), detail[:200]])
+
+
+async def report(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> None:
+    await run_reports([report_call(ticket, outcome, detail, hold_ms)])
+
+
+async def run_reports(calls: list[ScriptCall]) -> None:
     try:
-        await REPORT(get_async_redis(), [keys["breaker"], keys["hold"], events_stream()],
-                     [outcome, int(ticket.probe), hold_ms, b.error_rate, b.min_calls, b.window_s,
-                      int(b.cooldown_s * 1000), b.close_after, lane_label(ticket.lane), detail[:200]])
+        await run_scripts(calls)
     except (redis.exceptions.RedisError, OSError):
-        log.warning("could not report lane health", extra={"lane": lane_label(ticket.lane)})
+        log.warning("could not report lane health", extra={"lanes": len(calls)})
 
 
 def backoff_s(attempt: int, policy: LanePolicy, retry_after: float | None) -> float:

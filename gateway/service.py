@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import redis.exceptions
 from django.conf import settings
 
 from billing.pricing import cost_usd
@@ -79,6 +80,8 @@ class ChatCall:
         self._next_lane = False
         self._last_error: UpstreamError | None = None
         self._earlier_usage: list[Usage] = []
+        self._first_ticket: resilience.Ticket | resilience.Unavailable | None = None
+        self._reports: list[limits.ScriptCall] = []
         self.schema = schema_of(req)
 
     def preflight(self) -> None:
@@ -115,11 +118,31 @@ class ChatCall:
         return True
 
     async def admit(self) -> None:
-        if not settings.GATEWAY["LIMITS_ENABLED"]:
-            return
-        estimate = limits.estimate_nano(self.lane, self.prompt_tokens, self.reserve_tokens)
-        self.admission = await limits.admit(self.principal, self.ctx.request_id,
-                                            self.prompt_tokens + self.reserve_tokens, estimate)
+        """Admission and the first lane's health check, in one Redis round trip."""
+        calls = []
+        admission = admission_call = None
+        tokens = self.prompt_tokens + self.reserve_tokens
+        if settings.GATEWAY["LIMITS_ENABLED"]:
+            estimate = limits.estimate_nano(self.lane, self.prompt_tokens, self.reserve_tokens)
+            admission, admission_call = limits.prepare_admission(self.principal, self.ctx.request_id, tokens, estimate)
+            if admission_call is not None:
+                calls.append(admission_call)
+        if resilience_enabled():
+            calls.append(resilience.acquire_call(self.route.lanes[0], tokens))
+        try:
+            results = await limits.run_scripts(calls)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            results = [exc] * len(calls)
+        if resilience_enabled():
+            self._first_ticket = resilience.ticket_from(self.route.lanes[0], results.pop())
+        if admission_call is not None:
+            try:
+                limits.finish_admission(admission, results[0])
+            except GatewayError:
+                if isinstance(self._first_ticket, resilience.Ticket) and self._first_ticket.probe:
+                    await resilience.report(self._first_ticket, "limited", "refused at admission")
+                raise
+        self.admission = admission
 
     def response_headers(self) -> dict[str, str]:
         headers = dict(self.admission.headers) if self.admission else {}
@@ -148,6 +171,8 @@ class ChatCall:
         for lane in self.route.lanes:
             if not settings.GATEWAY["RESILIENCE_ENABLED"]:
                 ticket = resilience.Ticket(lane, policy_for(lane))
+            elif self._first_ticket is not None:
+                ticket, self._first_ticket = self._first_ticket, None  # checked at admission
             else:
                 ticket = await resilience.acquire(lane, self.prompt_tokens + self.reserve_tokens)
             if isinstance(ticket, resilience.Unavailable):
@@ -207,7 +232,11 @@ class ChatCall:
         if resilience_enabled():
             outcome, detail = resilience.outcome_of(exc, latency_ms, ticket.policy)
             hold_ms = int((exc.retry_after or 1) * 1000) if outcome == "limited" else 0
-            await resilience.report(ticket, outcome, detail, hold_ms)
+            call = resilience.report_call(ticket, outcome, detail, hold_ms)
+            if outcome == "ok":
+                self._reports.append(call)  # sent with the settlement, off the response's path
+            else:
+                _background(resilience.run_reports([call]))  # other processes should know now
 
     async def complete(self) -> Completion:
         """The answer; with a strict JSON schema, validated and repaired once if needed."""
@@ -374,13 +403,17 @@ class ChatCall:
                                         "http_status", "error_code", "latency_ms", "prompt_tokens",
                                         "completion_tokens", "stream", "partial")},
         )
+        calls = list(self._reports)
         if self.admission is not None:
-            try:
-                await limits.settle(self.admission, usage.total_tokens, cost, row)
-                return
-            except Exception:  # Redis away: keep the row (slots expire, refunds are lost)
-                log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
-        await record(row)
+            calls.append(limits.settle_call(self.admission, usage.total_tokens, cost, row))
+        try:
+            await limits.run_scripts(calls)  # lane report(s) and settlement: one round trip
+        except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
+            log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
+            if self.admission is not None:
+                await record(row)
+        if self.admission is None:
+            await record(row)
 
 
 @asynccontextmanager
@@ -403,6 +436,13 @@ async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
         _settling.add(task)
         task.add_done_callback(_settling.discard)
         await asyncio.shield(task)  # if we are cancelled here, the task still finishes
+
+
+def _background(coro) -> None:
+    """Run a coroutine nobody waits for, kept referenced until done (and drained at shutdown)."""
+    task = asyncio.ensure_future(coro)
+    _settling.add(task)
+    task.add_done_callback(_settling.discard)
 
 
 def resilience_enabled() -> bool:

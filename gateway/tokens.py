@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
+import io
 import threading
 from functools import cache
 
@@ -30,8 +31,8 @@ def _ranks(name: str) -> dict[bytes, int]:
     if digest != EXPECTED_SHA256[name]:
         raise RuntimeError(f"{name} BPE file hash mismatch: {digest}")
     ranks = {}
-    for line in contents.splitlines():
-        if line:
+    for line in io.BytesIO(contents):  # line by line: no list of 200k lines at the peak
+        if line.strip():
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     return ranks
@@ -50,7 +51,15 @@ def encoding(name: str) -> tiktoken.Encoding:
             spec = getattr(public, name)()
         finally:
             public.load_tiktoken_bpe = original
-    return tiktoken.Encoding(**spec)
+    enc = tiktoken.Encoding(**spec)
+    # The Rust core keeps its own copy of the ranks; tiktoken's Python copy (tens of MiB) only
+    # serves pickling, which we never do.
+    enc._mergeable_ranks = {}
+    spec = ranks = None  # drop the Python copy before collecting
+    import gc
+
+    gc.collect()
+    return enc
 
 
 def encoding_name_for(model: str) -> str:

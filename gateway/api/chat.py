@@ -77,7 +77,7 @@ async def chat_completions(request: Request, receive, send) -> None:
     principal = await principal_of(request)
     data = parse_json(body)
     req = validate_chat(data, request.headers.get("x-feature"), request.headers.get("x-context-overflow"))
-    ctx = CallContext(request.request_id)
+    ctx = CallContext(request.call_id)
     key = request.headers.get(idempotency.HEADER)
     if key is not None:
         await _idempotent(request, receive, send, principal, req, ctx, idempotency.check_key(key), data)
@@ -122,6 +122,15 @@ def _frame(seq: int, data: bytes) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (seq, data)
 
 
+def _keep_events(request: Request) -> bool:
+    """Events are kept for streams that can be resumed or replayed: those that asked to be
+    resumable and those with an Idempotency-Key. Others pay nothing for it."""
+    if not settings.GATEWAY["STREAM_RESUME_ENABLED"]:
+        return False
+    headers = request.headers
+    return "idempotency-key" in headers or headers.get("x-stream-resumable", "").lower() in ("1", "true", "yes")
+
+
 async def _stream(request: Request, send, principal, req, ctx: CallContext) -> None:
     sink = send if isinstance(send, ClientSink) else ClientSink(send)
     async with open_call(principal, req, ctx) as call:
@@ -131,11 +140,11 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
             first = await anext(chunks)
         except StopAsyncIteration:
             first = None
-        store = StreamWriter(principal.tenant_id, request.request_id) if settings.GATEWAY["STREAM_RESUME_ENABLED"] else None
+        store = StreamWriter(principal.tenant_id, request.call_id) if _keep_events(request) else None
         checker = StreamChecker(call.schema) if call.schema is not None else None
         extra = {**SSE_HEADERS, **call.response_headers()}
         if store is not None:
-            extra["x-stream-id"] = request.request_id
+            extra["x-stream-id"] = request.call_id
         await sink({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
         seq = 0
         try:
@@ -247,7 +256,7 @@ async def _idempotent(request: Request, receive, send, principal, req, ctx: Call
     tenant_id = principal.tenant_id
     deadline = time.monotonic() + idempotency.wait_limit_s()
     while True:
-        claim, record = await idempotency.claim(tenant_id, key, fp, request.request_id, req.stream)
+        claim, record = await idempotency.claim(tenant_id, key, fp, request.call_id, req.stream)
         if claim is not None:
             await _run_claimed(request, receive, send, principal, req, ctx, claim)
             return

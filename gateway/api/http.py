@@ -22,7 +22,7 @@ def request_id_from(value: str | None) -> str:
 
 
 class Request:
-    __slots__ = ("scope", "method", "path", "headers", "body", "request_id")
+    __slots__ = ("scope", "method", "path", "headers", "body", "request_id", "call_id")
 
     def __init__(self, scope: dict) -> None:
         self.scope = scope
@@ -32,7 +32,11 @@ class Request:
             k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
         }
         self.body = b""
-        self.request_id = request_id_from(self.headers.get("x-request-id"))
+        client_id = self.headers.get("x-request-id")
+        self.request_id = request_id_from(client_id)
+        # Our own id for this call (usage row, stream, idempotency): unique even when a client
+        # reuses its X-Request-ID, which is echoed but never trusted to be unique.
+        self.call_id = self.request_id if self.request_id != client_id else f"req_{uuid.uuid4().hex}"
 
     @property
     def client_ip(self) -> str:

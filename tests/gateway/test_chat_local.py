@@ -102,3 +102,17 @@ def test_tool_calls_from_the_local_model(client):
 def test_max_tokens_truncates_with_finish_reason_length(client):
     completion = client.chat.completions.create(model="local", max_tokens=3, messages=[{"role": "user", "content": "Hi there"}])
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 3
+
+
+def test_a_reused_client_request_id_never_merges_two_usage_rows(server, tenant, committed_db):
+    import openai
+
+    from billing.models import UsageRecord
+
+    client = openai.OpenAI(base_url=server.base_url, api_key=tenant[2], max_retries=0)
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="local", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Request-ID": "my-fixed-id"})
+        assert raw.headers["x-request-id"] == "my-fixed-id"
+    drain_usage()
+    assert UsageRecord.objects.filter(tenant=tenant[0]).count() == 2

@@ -204,7 +204,8 @@ def test_resume_of_another_tenants_stream_is_404(server, tenants, fakes_reset):
     _, _, owner = tenants.make()
     _, _, stranger = tenants.make()
     response = sdk(server, owner).chat.completions.with_raw_response.create(
-        model="local", messages=[{"role": "user", "content": "x"}], stream=True)
+        model="local", messages=[{"role": "user", "content": "x"}], stream=True,
+        extra_headers={"X-Stream-Resumable": "true"})
     list(response.parse())
     stream_id = response.headers["x-stream-id"]
     with pytest.raises(openai.NotFoundError):

@@ -1,0 +1,194 @@
+"""The load generator of bench/overhead.py: closed-loop workers over one aiohttp session.
+
+Each worker sends the next request when its previous answer is complete; answers are checked
+(status, `choices` and `usage`, a stream's usage event and final `[DONE]`) and timed from just
+before sending to the last byte, and to the first `data:` event for streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+from bench._stack import ROUTE, core_busy_seconds, cpu_seconds
+
+CHUNKS = 20
+REQUEST_TIMEOUT = 30.0
+MESSAGES = [{"role": "user", "content": "hello benchmark"}]
+
+
+# -- load generation ------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    name: str  # "direct" or "platform"
+    url: str
+    model: str
+    key: str
+    pid: int | None = None  # the process whose CPU is charged to this path (platform only)
+
+
+@dataclass
+class Result:
+    target: str
+    stream: bool
+    concurrency: int
+    ok: int = 0  # good answers completed inside the measured window
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # ms, good answers in the window
+    ttfts: list[float] = field(default_factory=list)  # ms, streams only
+    sent: int = 0  # every request of the phase, warm-up included
+    good: int = 0  # good answers of the phase, warm-up included
+    statuses: Counter = field(default_factory=Counter)  # non-200 statuses (whole phase)
+    problems: Counter = field(default_factory=Counter)  # exceptions, broken answers (whole phase)
+    samples: list[str] = field(default_factory=list)  # first few bad answers, for diagnosis
+    cpu: float | None = None  # CPU seconds of the target process inside the window
+    core_other: float | None = None  # platform core busy time not spent by the platform
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def bad(self) -> int:
+        return sum(self.statuses.values()) + sum(self.problems.values())
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = math.ceil(q / 100 * len(ordered))  # nearest rank
+    return ordered[max(0, min(len(ordered), rank) - 1)]
+
+
+def request_body(model: str, stream: bool) -> bytes:
+    body: dict = {"model": model, "messages": MESSAGES, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+def check_answer(stream: bool, body: bytes) -> str | None:
+    """Why a 200 answer is not a complete, well-formed one (None when it is)."""
+    if stream:
+        if not body.endswith(b"data: [DONE]\n\n"):
+            return "stream without [DONE]"
+        if body.count(b"data: ") < CHUNKS + 3:
+            return "stream with missing events"
+        if b'"completion_tokens"' not in body:
+            return "stream without usage"
+        return None
+    if b'"choices"' not in body or b'"completion_tokens"' not in body:
+        return "answer without choices or usage"
+    return None
+
+
+async def one_request(session: aiohttp.ClientSession, target: Target, body: bytes, headers: dict,
+                      stream: bool, result: Result, window: list) -> None:
+    started = time.perf_counter()
+    ttft = None
+    try:
+        async with session.post(target.url, data=body, headers=headers) as response:
+            if stream and response.status == 200:
+                parts = []
+                async for data in response.content.iter_any():
+                    if ttft is None and b"data:" in (b"".join(parts) + data if parts else data):
+                        ttft = time.perf_counter() - started
+                    parts.append(data)
+                payload = b"".join(parts)
+            else:
+                payload = await response.read()
+            status = response.status
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        result.problems[type(exc).__name__] += 1
+        if len(result.samples) < 3:
+            result.samples.append(f"{type(exc).__name__}: {exc}")
+        return
+    finished = time.perf_counter()
+    if status != 200:
+        result.statuses[status] += 1
+        if len(result.samples) < 3:
+            result.samples.append(f"HTTP {status}: {payload[:300].decode(errors='replace')}")
+        return
+    problem = check_answer(stream, payload)
+    if problem is not None:
+        result.problems[problem] += 1
+        if len(result.samples) < 3:
+            result.samples.append(f"{problem}: …{payload[-300:].decode(errors='replace')}")
+        return
+    result.good += 1
+    window.append((finished, (finished - started) * 1000, None if ttft is None else ttft * 1000))
+
+
+async def run_phase(target: Target, stream: bool, concurrency: int, warmup: float, duration: float,
+                    platform_cpu: int | None) -> Result:
+    """C workers in a closed loop for warmup + duration seconds; the window is the last part."""
+    result = Result(target.name, stream, concurrency)
+    body = request_body(target.model, stream)
+    headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json"}
+    window: list[tuple[float, float, float | None]] = []
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    marks: dict[str, tuple[float, float | None, float | None]] = {}
+
+    def mark(name: str) -> None:
+        proc_cpu = cpu_seconds(target.pid) if target.pid else None
+        core = core_busy_seconds(platform_cpu) if platform_cpu is not None else None
+        marks[name] = (time.perf_counter(), proc_cpu, core)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        start = time.perf_counter()
+        stop_at = start + warmup + duration
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                result.sent += 1
+                await one_request(session, target, body, headers, stream, result, window)
+
+        async def marker() -> None:
+            await asyncio.sleep(max(0.0, start + warmup - time.perf_counter()))
+            mark("begin")
+            await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+            mark("end")
+
+        everything = asyncio.gather(marker(), *(worker() for _ in range(concurrency)))
+        # On Ctrl-C the workers are cancelled: mark the outcome seen, so asyncio does not log it.
+        everything.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.wait_for(everything, timeout=warmup + duration + REQUEST_TIMEOUT + 10)
+    (t0, cpu0, core0), (t1, cpu1, core1) = marks["begin"], marks["end"]
+    inside = [w for w in window if t0 <= w[0] <= t1]
+    result.elapsed = t1 - t0
+    result.ok = len(inside)
+    result.latencies = [w[1] for w in inside]
+    result.ttfts = [w[2] for w in inside if w[2] is not None]
+    if cpu0 is not None and cpu1 is not None:
+        result.cpu = cpu1 - cpu0
+        if core0 is not None and core1 is not None:
+            result.core_other = max(0.0, (core1 - core0) - result.cpu)
+    return result
+
+
+def first_request(url: str, key: str) -> float:
+    """Latency (ms) of the platform's very first chat request; fails loudly if it is refused."""
+    request = urllib.request.Request(url, data=request_body(ROUTE, False), method="POST", headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"the first request through the platform failed: HTTP {exc.code} {exc.read()[:500]!r}") from None
+    elapsed = (time.perf_counter() - started) * 1000
+    problem = check_answer(False, payload)
+    if problem:
+        raise RuntimeError(f"the first request through the platform: {problem}: {payload[:500]!r}")
+    return elapsed
