@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
 import redis
-from django.db import transaction
+from django.db import DataError, IntegrityError, transaction
 from django.db.models import Q
 
 from gateway.events import drain_breaker_events
@@ -28,6 +29,8 @@ from .recorder import stream_name
 log = logging.getLogger(__name__)
 GROUP = "usage-writers"
 CLAIM_IDLE_MS = 30_000
+CLAIM_EVERY_S = 5.0
+DEAD_LETTER = "gw:usage:dead"
 FIELDS = {f.name for f in UsageRecord._meta.get_fields() if f.concrete} - {"id", "tenant", "api_key"} | {"tenant_id", "api_key_id"}
 
 
@@ -66,27 +69,64 @@ def write_rows(rows: list[dict]) -> int:
     return len(records)
 
 
+_recovered: set[str] = set()  # consumers whose own pending entries this process re-read
+_last_claim = 0.0
+_group_ready = False
+
+
 def _read(client: redis.Redis, consumer: str, count: int, block_ms: int | None) -> list:
+    global _last_claim
     stream = stream_name()
-    # 1. my own entries from before a crash; 2. entries a dead writer left idle; 3. new ones.
-    mine = client.xreadgroup(GROUP, consumer, {stream: "0"}, count=count)
-    if mine and mine[0][1]:
-        return mine[0][1]
-    claimed = client.xautoclaim(stream, GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count)
-    if claimed and claimed[1]:
-        return claimed[1]
+    # 1. my own entries from before a crash (once per process, and after a failed batch);
+    if consumer not in _recovered:
+        mine = client.xreadgroup(GROUP, consumer, {stream: "0"}, count=count)
+        if mine and mine[0][1]:
+            return mine[0][1]
+        _recovered.add(consumer)
+    # 2. entries a dead writer left idle (checked every few seconds, not every batch);
+    if time.monotonic() - _last_claim > CLAIM_EVERY_S:
+        _last_claim = time.monotonic()
+        claimed = client.xautoclaim(stream, GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count)
+        if claimed and claimed[1]:
+            return claimed[1]
+    # 3. new ones.
     fresh = client.xreadgroup(GROUP, consumer, {stream: ">"}, count=count, block=block_ms)
     return fresh[0][1] if fresh else []
 
 
+def _write_or_set_aside(client: redis.Redis, rows: list[dict]) -> None:
+    """Write the batch; if one row cannot be written (a bad row), write the others and move it
+    to a dead-letter stream for an operator, instead of retrying the batch forever."""
+    try:
+        write_rows(rows)
+        return
+    except (IntegrityError, DataError, ValueError, TypeError, KeyError):
+        pass
+    for row in rows:
+        try:
+            write_rows([row])
+        except (IntegrityError, DataError, ValueError, TypeError, KeyError) as exc:
+            log.error("usage row set aside", extra={"request_id": row.get("request_id"), "error": repr(exc)[:200]})
+            client.xadd(DEAD_LETTER, {"row": orjson.dumps(row, default=str), "error": repr(exc)[:500]})
+
+
 def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | None = 1000) -> int:
     """Write one batch; returns how many entries were handled (0 when the stream is idle)."""
+    global _group_ready
     client = get_redis()
     consumer = consumer or default_consumer()
-    ensure_group(client)
+    if not _group_ready:
+        ensure_group(client)
+        _group_ready = True
     drain_alerts()
     drain_breaker_events()
-    entries = _read(client, consumer, count, block_ms)
+    try:
+        entries = _read(client, consumer, count, block_ms)
+    except redis.ResponseError as exc:
+        if "NOGROUP" in str(exc):  # the stream was deleted (a flushed Redis): recreate the group
+            _group_ready = False
+            return 0
+        raise
     if not entries:
         return 0
     ids, rows = [], []
@@ -99,8 +139,12 @@ def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | No
             rows.append(orjson.loads(payload))
         except orjson.JSONDecodeError:
             log.error("dropping a malformed usage entry", extra={"entry": entry_id.decode()})
-    if rows:
-        write_rows(rows)
+    try:
+        if rows:
+            _write_or_set_aside(client, rows)
+    except Exception:
+        _recovered.discard(consumer)  # the batch stays pending: re-read it next time
+        raise
     with client.pipeline(transaction=True) as pipe:
         pipe.xack(stream_name(), GROUP, *ids)
         pipe.xdel(stream_name(), *ids)

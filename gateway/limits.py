@@ -124,6 +124,18 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+_periods: tuple[int, tuple] = (-1, ())
+
+
+def _current_periods() -> tuple[tuple[str, int], tuple[str, int]]:
+    """The budget periods, computed at most once a second."""
+    global _periods
+    second = int(time.time())
+    if _periods[0] != second:
+        _periods = (second, _period_ends(datetime.now(UTC)))
+    return _periods[1]
+
+
 def _period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
     """(day label, seconds left today), (month label, seconds left this month)."""
     day_end = datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp() + 86400
@@ -134,8 +146,7 @@ def _period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
 
 def _limits_for(principal: Principal, tokens: int, estimate_nano: int) -> list[Limit]:
     out: list[Limit] = []
-    now = datetime.now(UTC)
-    (day, day_ttl), (month, month_ttl) = _period_ends(now)
+    (day, day_ttl), (month, month_ttl) = _current_periods()
     scopes = [("tenant", f"gw:{{t{principal.tenant_id}}}", {
         name: getattr(principal, name) for name in (
             "requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent",

@@ -45,9 +45,20 @@ def events_stream() -> str:
     return settings.GATEWAY["BREAKER_STREAM"]
 
 
+_key_cache: dict[tuple, dict[str, str]] = {}
+
+
 def _keys(lane: LaneSpec) -> dict[str, str]:
-    base = f"gw:lane:{{{lane_id(lane)}}}"
-    return {"hold": f"{base}:hold", "breaker": f"{base}:br", "rpm": f"{base}:rpm", "tpm": f"{base}:tpm"}
+    identity = (lane.provider, lane.base_url, lane.upstream_model, lane.api_key_env)
+    keys = _key_cache.get(identity)
+    if keys is None:
+        base = f"gw:lane:{{{lane_id(lane)}}}"
+        keys = {"hold": f"{base}:hold", "breaker": f"{base}:br", "rpm": f"{base}:rpm", "tpm": f"{base}:tpm",
+                "label": lane_label(lane)}
+        if len(_key_cache) > 10_000:
+            _key_cache.clear()
+        _key_cache[identity] = keys
+    return keys
 
 
 @dataclass(slots=True)
@@ -73,7 +84,7 @@ def acquire_call(lane: LaneSpec, tokens: int) -> ScriptCall:
     keys = _keys(lane)
     return ACQUIRE.call([keys["hold"], keys["breaker"], events_stream(), keys["rpm"], keys["tpm"]],
                         [int(policy.breaker.cooldown_s * 1000), policy.breaker.probes, policy.limits.rpm,
-                         policy.limits.tpm, tokens, lane_label(lane)])
+                         policy.limits.tpm, tokens, keys["label"]])
 
 
 async def acquire(lane: LaneSpec, tokens: int) -> Ticket | Unavailable:
@@ -117,7 +128,7 @@ def report_call(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> 
     keys = _keys(ticket.lane)
     return REPORT.call([keys["breaker"], keys["hold"], events_stream()],
                        [outcome, int(ticket.probe), hold_ms, b.error_rate, b.min_calls, b.window_s,
-                        int(b.cooldown_s * 1000), b.close_after, lane_label(ticket.lane), detail[:200]])
+                        int(b.cooldown_s * 1000), b.close_after, keys["label"], detail[:200]])
 
 
 async def report(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> None:

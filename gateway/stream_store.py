@@ -38,6 +38,7 @@ class StreamWriter:
         self.seq = 0
         self._buffer: list[tuple[int, bytes]] = []
         self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
         self.failed = False
 
     def add(self, data: bytes) -> int:
@@ -54,6 +55,10 @@ class StreamWriter:
         await self._flush()
 
     async def _flush(self, end: str | None = None, detail: bytes = b"") -> None:
+        async with self._lock:  # one flush at a time, in order: entry ids must increase
+            await self._write(end, detail)
+
+    async def _write(self, end: str | None, detail: bytes) -> None:
         batch, self._buffer = self._buffer, []
         if not batch and end is None:
             return
@@ -65,16 +70,14 @@ class StreamWriter:
                     pipe.xadd(self.key, {"end": end, "d": detail}, id=f"{self.seq + 1}-0")
                 pipe.expire(self.key, ttl())
                 await pipe.execute()
-        except (redis.exceptions.RedisError, OSError):
+        except (redis.exceptions.RedisError, OSError) as exc:
             # Resume is best effort; the live stream goes on without it.
             if not self.failed:
-                log.warning("could not keep stream events for resume", extra={"stream": self.key})
+                log.warning("could not keep stream events for resume", extra={"stream": self.key, "error": repr(exc)[:200]})
             self.failed = True
 
     async def finish(self, end: str = "done", detail: bytes = b"") -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        await self._flush(end, detail)
+        await self._flush(end, detail)  # a pending timed flush finds an empty buffer later
 
 
 async def exists(tenant_id: int, stream_id: str) -> bool:

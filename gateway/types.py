@@ -126,6 +126,7 @@ class Chunk(_JsonPayload):
     raw: bytes | None = None
     obj: dict | None = None
     usage_only: bool = False  # the final usage chunk (choices == [])
+    batched: bool = False  # another chunk is ready right behind this one (send them together)
 
 
 @dataclass(slots=True)

@@ -209,7 +209,7 @@ def routes(django_db_setup, django_db_blocker, fake_openai, fake_anthropic, tmp_
 
 
 @pytest.fixture()
-def committed_db(django_db_blocker):
+def committed_db(django_db_setup, django_db_blocker):
     """DB access outside a test transaction: what we write is visible to the server process."""
     with django_db_blocker.unblock():
         yield

@@ -147,6 +147,7 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
             extra["x-stream-id"] = request.call_id
         await sink({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
         seq = 0
+        frames: list[bytes] = []
         try:
             pending = [first] if first is not None else []
             async for chunk in _chain(pending, chunks):
@@ -154,7 +155,10 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
                 seq = store.add(data) if store is not None else seq + 1
                 if checker is not None:
                     checker.feed(chunk.as_dict)
-                await sink({"type": "http.response.body", "body": _frame(seq, data), "more_body": True})
+                frames.append(_frame(seq, data))
+                if not chunk.batched:
+                    await sink({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+                    frames.clear()
             problem = checker.problem() if checker is not None else None
             if problem is not None:
                 raise GatewayError(502, f"The model's output did not match the requested JSON schema: {problem}",
@@ -165,11 +169,13 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
             call.partial = True
             if store is not None:
                 await store.finish("error", exc.body())
-            await sink({"type": "http.response.body", "body": _frame(seq + 1, exc.body()), "more_body": False})
+            frames.append(_frame(seq + 1, exc.body()))
+            await sink({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
             return
         if store is not None:
             await store.finish("done")
-        await sink({"type": "http.response.body", "body": b"id: %d\n" % (seq + 1) + DONE, "more_body": False})
+        frames.append(b"id: %d\n" % (seq + 1) + DONE)
+        await sink({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
 
 
 async def _chain(first: list, rest):

@@ -106,42 +106,58 @@ class OpenAIProvider(Provider):
                 outcome.completion_text_parts.append(str((choices[0].get("message") or {}).get("content") or ""))
         return Completion(raw=raw, obj=obj)
 
+    def _chunk(self, data: bytes, outcome: Outcome) -> Chunk:
+        """One `data:` payload: parsed only for what the platform needs, forwarded as bytes."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed stream event.", code="upstream_malformed") from None
+        if "error" in obj and "choices" not in obj:
+            error = obj["error"] if isinstance(obj["error"], dict) else {}
+            raise UpstreamError(502, scrub(str(error.get("message") or "The provider reported an error mid-stream.")), code="upstream_stream_error")
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if usage:
+            outcome.usage = Usage.from_openai(usage)
+        if outcome.upstream_model is None:
+            outcome.upstream_model = obj.get("model")
+        if choices:
+            choice = choices[0]
+            if outcome.first_token_at is None:
+                outcome.first_token_at = time.perf_counter()
+            if choice.get("finish_reason"):
+                outcome.finish_reason = choice["finish_reason"]
+            if outcome.completion_text_parts is not None:
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    outcome.completion_text_parts.append(content)
+        return Chunk(raw=data, obj=obj, usage_only=not choices and bool(usage))
+
     async def stream(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> AsyncIterator[Chunk]:
         response = await self._post(build_body(lane, req, stream=True), lane)
         outcome.provider_request_id = response.headers.get("x-request-id")
         done = False
+        partial = b""
         try:
-            async for line in response.content:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, `event:` lines
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
+            # One network read may carry many events: they go out together (`batched`), so the
+            # client gets one write per read instead of one per event.
+            async for block in response.content.iter_any():
+                lines = (partial + block).split(b"\n")
+                partial = lines.pop()
+                ready = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    ready.append(self._chunk(data, outcome))
+                for i, chunk in enumerate(ready):
+                    chunk.batched = i + 1 < len(ready)
+                    yield chunk
+                if done:
                     break
-                try:
-                    obj = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed stream event.", code="upstream_malformed") from None
-                if "error" in obj and "choices" not in obj:
-                    error = obj["error"] if isinstance(obj["error"], dict) else {}
-                    raise UpstreamError(502, scrub(str(error.get("message") or "The provider reported an error mid-stream.")), code="upstream_stream_error")
-                choices = obj.get("choices")
-                usage = obj.get("usage")
-                if usage:
-                    outcome.usage = Usage.from_openai(usage)
-                if outcome.upstream_model is None:
-                    outcome.upstream_model = obj.get("model")
-                if choices:
-                    choice = choices[0]
-                    if outcome.first_token_at is None:
-                        outcome.first_token_at = time.perf_counter()
-                    if choice.get("finish_reason"):
-                        outcome.finish_reason = choice["finish_reason"]
-                    if outcome.completion_text_parts is not None:
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            outcome.completion_text_parts.append(content)
-                yield Chunk(raw=data, obj=obj, usage_only=not choices and bool(usage))
         except TimeoutError:  # aiohttp's sock_read: silence longer than the idle timeout
             raise UpstreamError(504, f"The provider '{self.kind}' went silent mid-stream.", code="upstream_idle_timeout") from None
         except aiohttp.ClientError:

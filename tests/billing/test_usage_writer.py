@@ -108,3 +108,19 @@ def test_last_used_at_only_moves_forward(tenants):
     write_rows([earlier])
     key.refresh_from_db()
     assert key.last_used_at == datetime.fromtimestamp(later["created_at"], tz=UTC)
+
+
+def test_a_row_that_cannot_be_written_is_set_aside_and_the_rest_written(tenants):
+    from billing.writer import DEAD_LETTER
+
+    tenant, key, _ = tenants.make()
+    good = row(tenant, key, f"good-{uuid.uuid4().hex}")
+    bad = row(tenant, key, f"bad-{uuid.uuid4().hex}")
+    bad["tenant_id"] = 10**9  # a tenant that does not exist
+    enqueue([bad, good])
+    drain_all("test-writer")
+    assert UsageRecord.objects.filter(request_id=good["request_id"]).exists()
+    assert not UsageRecord.objects.filter(request_id=bad["request_id"]).exists()
+    dead = [fields for _, fields in get_redis().xrange(DEAD_LETTER)]
+    assert any(bad["request_id"].encode() in fields[b"row"] for fields in dead)
+    drain_all("test-writer")  # nothing left to retry forever
