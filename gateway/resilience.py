@@ -7,9 +7,11 @@ transitions are appended to an events stream that the usage writer stores for ad
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import redis.exceptions
@@ -92,7 +94,9 @@ async def acquire(lane: LaneSpec, tokens: int) -> Ticket | Unavailable:
         (result,) = await run_scripts([acquire_call(lane, tokens)])
     except (redis.exceptions.RedisError, OSError) as exc:
         result = exc
-    return ticket_from(lane, result)
+    ticket = ticket_from(lane, result)
+    note_ticket(ticket)
+    return ticket
 
 
 def ticket_from(lane: LaneSpec, result) -> Ticket | Unavailable:
@@ -123,12 +127,63 @@ def outcome_of(exc: BaseException | None, latency_ms: float, policy: LanePolicy)
     return "error", type(exc).__name__
 
 
-def report_call(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> ScriptCall:
+def report_call(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0, count: int = 1) -> ScriptCall:
     b = ticket.policy.breaker
     keys = _keys(ticket.lane)
     return REPORT.call([keys["breaker"], keys["hold"], events_stream()],
                        [outcome, int(ticket.probe), hold_ms, b.error_rate, b.min_calls, b.window_s,
-                        int(b.cooldown_s * 1000), b.close_after, keys["label"], detail[:200]])
+                        int(b.cooldown_s * 1000), b.close_after, keys["label"], detail[:200], count])
+
+
+# -- the healthy fast path ------------------------------------------------------------------
+# A lane seen closed and unheld is trusted for HEALTHY_FOR_S without asking Redis again, and its
+# successes are counted here and sent once a second. Failures, probes, holds and lanes with an
+# upstream budget always go to Redis at once, so every process still learns of trouble within
+# HEALTHY_FOR_S.
+HEALTHY_FOR_S = 0.25
+FLUSH_EVERY_S = 1.0
+_healthy: dict[str, float] = {}
+_successes: dict[str, tuple[Ticket, int]] = {}
+_flusher = None
+
+
+def trusted_ticket(lane: LaneSpec) -> Ticket | None:
+    policy = policy_for(lane)
+    if policy.limits.rpm or policy.limits.tpm:
+        return None
+    if _healthy.get(_keys(lane)["breaker"], 0.0) > time.monotonic():
+        return Ticket(lane, policy)
+    return None
+
+
+def note_ticket(ticket: Ticket | Unavailable) -> None:
+    if isinstance(ticket, Ticket) and not ticket.probe:
+        _healthy[_keys(ticket.lane)["breaker"]] = time.monotonic() + HEALTHY_FOR_S
+    else:
+        _healthy.pop(_keys(ticket.lane)["breaker"], None)
+
+
+def note_failure(lane: LaneSpec) -> None:
+    _healthy.pop(_keys(lane)["breaker"], None)
+
+
+def count_success(ticket: Ticket) -> None:
+    """A success on a closed breaker: counted locally, sent with the next flush."""
+    global _flusher
+    key = _keys(ticket.lane)["breaker"]
+    previous = _successes.get(key)
+    _successes[key] = (ticket, (previous[1] if previous else 0) + 1)
+    if _flusher is None or _flusher.done():
+        _flusher = asyncio.ensure_future(_flush_successes())
+
+
+async def _flush_successes(wait: bool = True) -> None:
+    if wait:
+        await asyncio.sleep(FLUSH_EVERY_S)
+    batch = list(_successes.values())
+    _successes.clear()
+    if batch:
+        await run_reports([report_call(ticket, "ok_batch", "", 0, count) for ticket, count in batch])
 
 
 async def report(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) -> None:
@@ -146,3 +201,8 @@ def backoff_s(attempt: int, policy: LanePolicy, retry_after: float | None) -> fl
     """Exponential backoff with full jitter, never sooner than the provider asked."""
     ceiling = min(policy.retry.cap_ms, policy.retry.base_ms * (2 ** attempt)) / 1000
     return max(random.uniform(0, ceiling), retry_after or 0.0)
+
+
+async def flush_successes_now() -> None:
+    """Shutdown: send the successes counted since the last flush."""
+    await _flush_successes(wait=False)

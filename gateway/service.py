@@ -127,14 +127,18 @@ class ChatCall:
             admission, admission_call = limits.prepare_admission(self.principal, self.ctx.request_id, tokens, estimate)
             if admission_call is not None:
                 calls.append(admission_call)
-        if resilience_enabled():
+        trusted = resilience.trusted_ticket(self.route.lanes[0]) if resilience_enabled() else None
+        if resilience_enabled() and trusted is None:
             calls.append(resilience.acquire_call(self.route.lanes[0], tokens))
         try:
             results = await limits.run_scripts(calls)
         except (redis.exceptions.RedisError, OSError) as exc:
             results = [exc] * len(calls)
-        if resilience_enabled():
+        if trusted is not None:
+            self._first_ticket = trusted
+        elif resilience_enabled():
             self._first_ticket = resilience.ticket_from(self.route.lanes[0], results.pop())
+            resilience.note_ticket(self._first_ticket)
         if admission_call is not None:
             try:
                 limits.finish_admission(admission, results[0])
@@ -232,11 +236,13 @@ class ChatCall:
         if resilience_enabled():
             outcome, detail = resilience.outcome_of(exc, latency_ms, ticket.policy)
             hold_ms = int((exc.retry_after or 1) * 1000) if outcome == "limited" else 0
-            call = resilience.report_call(ticket, outcome, detail, hold_ms)
-            if outcome == "ok":
-                self._reports.append(call)  # sent with the settlement, off the response's path
+            if outcome == "ok" and not ticket.probe:
+                resilience.count_success(ticket)  # counted here, sent once a second
+            elif outcome == "ok":
+                self._reports.append(resilience.report_call(ticket, outcome, detail))  # with settlement
             else:
-                _background(resilience.run_reports([call]))  # other processes should know now
+                resilience.note_failure(ticket.lane)
+                _background(resilience.run_reports([resilience.report_call(ticket, outcome, detail, hold_ms)]))
 
     async def complete(self) -> Completion:
         """The answer; with a strict JSON schema, validated and repaired once if needed."""

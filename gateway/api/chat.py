@@ -380,28 +380,29 @@ async def until_disconnect(work, receive, on_disconnect: ClientSink | None = Non
     """Run the handler; if the client hangs up first, cancel it (and so the upstream call).
 
     With `on_disconnect` (a resumable stream) the handler keeps running and only stops sending.
+    The handler runs in this task; one watcher task waits for the disconnect.
     """
-    handler = asyncio.ensure_future(work)
+    me = asyncio.current_task()
+    left = False
 
     async def watch() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
+        nonlocal left
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if on_disconnect is not None:
+            on_disconnect.gone = True
+            return
+        left = True
+        me.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if on_disconnect is not None and not handler.done():
-            on_disconnect.gone = True
-            await asyncio.shield(handler)
-    finally:
-        if not handler.done():
-            handler.cancel()
-        watcher.cancel()
-    try:
-        await handler
+        await work
     except asyncio.CancelledError:
-        if not watcher.cancelled() and watcher.done():
-            return  # the client left: nothing more to send
-        raise
+        if not left:
+            raise
+        me.uncancel()  # our own cancellation: the client left, nothing more to send
+    finally:
+        watcher.cancel()
+        if left and me.cancelling():
+            me.uncancel()

@@ -55,6 +55,9 @@ async def shutdown() -> None:
     from ..service import drain_settling
 
     await drain_settling()
+    from ..resilience import flush_successes_now
+
+    await flush_successes_now()
     if _flusher is not None:
         _flusher.cancel()
     from billing.recorder import flush_pending

@@ -45,6 +45,8 @@ if tpm > 0 then
   local wait = bucket(KEYS[5], tpm, math.min(tokens, tpm))
   if wait > 0 then return {0, 'upstream_budget', wait} end
 end
-if probe == 1 then redis.call('HINCRBY', KEYS[2], 'probes', 1) end
-redis.call('PEXPIRE', KEYS[2], 86400000)
+if probe == 1 then
+  redis.call('HINCRBY', KEYS[2], 'probes', 1)
+  redis.call('PEXPIRE', KEYS[2], 86400000)
+end
 return {1, probe}

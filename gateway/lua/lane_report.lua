@@ -1,7 +1,8 @@
 -- Report how a call on a lane went; move the breaker if that changes its state.
 -- KEYS: breaker hash, hold, events stream
--- ARGV: outcome (ok | error | timeout | slow | limited), probe (0/1), hold_ms,
---       error_rate, min_calls, window_s, cooldown_ms, close_after, lane name, detail
+-- ARGV: outcome (ok | ok_batch | error | timeout | slow | limited), probe (0/1), hold_ms,
+--       error_rate, min_calls, window_s, cooldown_ms, close_after, lane name, detail, count
+-- `ok_batch` adds `count` successes a process saw on a closed breaker (sent once a second).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local outcome, probe, hold_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -24,6 +25,11 @@ if hold_ms > 0 then
   redis.call('SET', KEYS[2], '1', 'PX', hold_ms)
 end
 local state = redis.call('HGET', b, 'state') or 'closed'
+local count = tonumber(ARGV[11] or '1')
+if outcome == 'ok_batch' then
+  if state ~= 'closed' then return state end  -- they were counted against an older state
+  outcome = 'ok'
+end
 if outcome == 'limited' then
   if probe == 1 and state == 'half_open' then redis.call('HINCRBY', b, 'probes', -1) end
   return state
@@ -55,7 +61,7 @@ local idx = slice % 6
 if tonumber(redis.call('HGET', b, 'id' .. idx) or '-1') ~= slice then
   redis.call('HSET', b, 'id' .. idx, slice, 'n' .. idx, 0, 'e' .. idx, 0, 'x' .. idx, 0)
 end
-redis.call('HINCRBY', b, 'n' .. idx, 1)
+redis.call('HINCRBY', b, 'n' .. idx, count)
 if failed then
   redis.call('HINCRBY', b, 'e' .. idx, 1)
   if outcome == 'timeout' or outcome == 'slow' then redis.call('HINCRBY', b, 'x' .. idx, 1) end
