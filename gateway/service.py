@@ -298,6 +298,8 @@ class ChatCall:
                                            else UpstreamError(502, "The provider sent an empty stream.", code="upstream_empty", retryable=True))
                 continue
             except UpstreamError as exc:
+                if exc.status >= 500:
+                    exc.retryable = True  # nothing reached the client yet: another try is safe
                 await self._settle_attempt(ticket, started, exc)
                 if not self._may_fall_back(exc) and not exc.retryable:
                     raise

@@ -227,3 +227,31 @@ def test_invalid_structured_output_gets_one_repair_then_502(server, tenant, fake
     drain_usage()
     row = UsageRecord.objects.get(request_id=caught.value.response.headers["x-request-id"])
     assert row.http_status == 502 and row.retries == 0 and row.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("fault, status, code", [
+    ("502", 502, "upstream_unavailable"),
+    ("503", 502, "upstream_unavailable"),
+    ("malformed", 502, "upstream_malformed"),
+])
+def test_each_provider_fault_is_retried_then_an_honest_error(server, tenant, fake_openai, fakes_reset, fault, status, code):
+    fake_openai.fault = fault
+    with pytest.raises(openai.APIStatusError) as caught:
+        ask(server, tenant[2], "gpt-4o-mini")
+    assert caught.value.status_code == status and caught.value.body["code"] == code
+    assert calls_to(fake_openai, "gpt-4o-mini") == 3  # max_attempts, then the honest error
+
+
+@pytest.mark.parametrize("fault", ["cut:0", "malformed", "503"])
+def test_a_stream_failing_before_its_first_byte_is_retried(server, tenant, fake_openai, fakes_reset, fault):
+    fake_openai.fault, fake_openai.fault_times = fault, 1
+    stream = sdk(server, tenant[2]).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "retry me"}], stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.startswith("Echo: retry me") and calls_to(fake_openai, "gpt-4o-mini") == 2
+
+
+def test_an_empty_answer_is_passed_through_honestly(server, tenant, fake_openai, fakes_reset):
+    fake_openai.fault = "empty"
+    completion = ask(server, tenant[2], "gpt-4o-mini").parse()
+    assert completion.choices[0].message.content in ("", None)
