@@ -158,6 +158,11 @@ class OpenAIProvider(Provider):
                     yield chunk
                 if done:
                     break
+            if done:
+                # Read the body's last bytes (the chunked terminator) so the connection goes
+                # back to the pool instead of being closed: a new TCP handshake per stream costs.
+                while await response.content.readany():
+                    pass
         except TimeoutError:  # aiohttp's sock_read: silence longer than the idle timeout
             raise UpstreamError(504, f"The provider '{self.kind}' went silent mid-stream.", code="upstream_idle_timeout") from None
         except aiohttp.ClientError:
