@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str]) -> int:
     env = dict(os.environ)
     started = []
-    scratch = ROOT / ".data" / "test-embedded"
+    # GW_TEST_FORCE_EMBEDDED=1 ignores the machine's servers (how CI proves the fallback works).
+    force_embedded = env.get("GW_TEST_FORCE_EMBEDDED") == "1"
+    scratch = ROOT / ".data" / f"test-embedded-{os.getpid()}"
     try:
         if not env.get("DATABASE_URL"):
-            if port_open("127.0.0.1", 5432):
+            if port_open("127.0.0.1", 5432) and not force_embedded:
                 # A name per run, so two runs on one machine never share a test database.
                 env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/gw{os.getpid()}"
             else:
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> int:
                 env["DATABASE_URL"] = pg.start()
                 started.append(pg)
         if not env.get("REDIS_URL"):
-            if port_open("127.0.0.1", 6379):
+            if port_open("127.0.0.1", 6379) and not force_embedded:
                 env["REDIS_URL"] = f"redis://127.0.0.1:6379/{9 + os.getpid() % 6}"
             else:
                 print("[test] Redis not running on 6379: starting an embedded one", flush=True)
@@ -48,6 +50,7 @@ def main(argv: list[str]) -> int:
     finally:
         for server in reversed(started):
             server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+"""The test command works when no PostgreSQL or Redis runs: it starts embedded ones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_test_command_falls_back_to_embedded_servers():
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["GW_TEST_FORCE_EMBEDDED"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_platform.testrun", "tests/billing/test_usage_writer.py", "-k", "duplicate or cost", "-p", "no:randomly"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "starting an embedded one" in output and "2 passed" in output
+    assert "127.0.0.1:5432" not in output.split("[test] PostgreSQL", 1)[1].splitlines()[0]
