@@ -86,14 +86,9 @@ def parse_policy(options: dict, where: str = "lane") -> LanePolicy:
                          for name, cls in LanePolicy.SECTIONS.items()})
 
 
-_cache: dict[int, LanePolicy] = {}
-
-
 def policy_for(lane) -> LanePolicy:
-    """The parsed policy of a LaneSpec (cached by lane id; the route table refresh replaces specs)."""
-    cached = _cache.get(id(lane.options))
-    if cached is None:
-        cached = _cache[id(lane.options)] = parse_policy(lane.options)
-        if len(_cache) > 10_000:
-            _cache.clear()
-    return cached
+    """The lane's parsed policy: parsed once when the route table is loaded (LaneSpec.policy)."""
+    policy = getattr(lane, "policy", None)
+    if policy is None:
+        policy = parse_policy(lane.options)
+    return policy

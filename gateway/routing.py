@@ -14,6 +14,7 @@ from decimal import Decimal
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from .lane_policy import parse_policy
 from .models import Lane, ModelRoute
 
 
@@ -31,6 +32,7 @@ class LaneSpec:
     price_output: Decimal
     price_cached_input: Decimal
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    policy: object = field(default=None, hash=False, compare=False)  # lane_policy.LanePolicy
 
     @property
     def name(self) -> str:
@@ -59,6 +61,7 @@ def _lane_spec(lane: Lane, model: str) -> LaneSpec:
         price_output=lane.price_output,
         price_cached_input=lane.price_cached_input,
         options=dict(lane.options or {}),
+        policy=parse_policy(lane.options or {}),
     )
 
 

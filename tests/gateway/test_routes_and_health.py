@@ -120,3 +120,25 @@ def test_status_is_for_operators_only(server, committed_db):
     assert lanes[("local", 0)]["reachable"] and lanes[("local", 0)]["configured"]
     assert lanes[("unconfigured", 0)]["configured"] is False
     assert "sk-fake" not in json.dumps(body)
+
+
+@pytest.mark.django_db
+def test_each_lane_keeps_its_own_policy_across_table_reloads(tmp_path):
+    """Policies once came from a cache keyed by id(options): reloads let lanes swap them."""
+    from gateway.lane_policy import policy_for
+    from gateway.routing import load_table
+
+    call_command("load_routes", write(tmp_path, """
+routes:
+  - model: strict-lane
+    lanes:
+      - {provider: local, upstream_model: a, retry: {max_attempts: 1}, breaker: {min_calls: 1000000}}
+  - model: loose-lane
+    lanes:
+      - {provider: local, upstream_model: b, retry: {max_attempts: 5}, breaker: {min_calls: 2}}
+"""))
+    for _ in range(200):
+        table = load_table()
+        strict, loose = policy_for(table["strict-lane"].lanes[0]), policy_for(table["loose-lane"].lanes[0])
+        assert (strict.retry.max_attempts, strict.breaker.min_calls) == (1, 1_000_000)
+        assert (loose.retry.max_attempts, loose.breaker.min_calls) == (5, 2)
