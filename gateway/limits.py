@@ -196,30 +196,63 @@ def _refusal(limit: Limit, retry_ms: int, headers: dict) -> GatewayError:
         headers={**headers, "Retry-After": retry})
 
 
+@dataclass(slots=True)
+class _Plan:
+    """A principal's limits, keys and script arguments, built once (the principal is immutable)."""
+
+    principal: Principal  # held so that id() stays this principal's while cached
+    period: str
+    buckets: list[Limit]
+    slots: list[Limit]
+    budgets: list[Limit]
+    keys: list[str]
+    bucket_args: list[tuple[float, str, bool]]  # (capacity, refill per ms as text, costs tokens?)
+    slot_args: list[float]
+    budget_args: list[tuple[int, int]]  # (cap, 0 for the day's budget / 1 for the month's)
+
+
+_plans: dict[int, _Plan] = {}
+
+
+def _plan_for(principal: Principal) -> _Plan:
+    day = _current_periods()[0][0]
+    plan = _plans.get(id(principal))
+    if plan is not None and plan.principal is principal and plan.period == day:
+        return plan
+    limits = _limits_for(principal, 0, 0)
+    buckets = [limit for limit in limits if limit.kind == "bucket"]
+    slots = [limit for limit in limits if limit.kind == "slots"]
+    budgets = [limit for limit in limits if limit.kind == "budget"]
+    plan = _Plan(principal, day, buckets, slots, budgets, [limit.key for limit in buckets + slots + budgets],
+                 [(b.limit, repr(b.rate_per_ms), b.header == "tokens") for b in buckets],
+                 [slot.limit for slot in slots], [(int(m.limit), 0 if m.period == day else 1) for m in budgets])
+    if len(_plans) > 10_000:
+        _plans.clear()
+    _plans[id(principal)] = plan
+    return plan
+
+
 def prepare_admission(principal: Principal, request_id: str, tokens: int, estimate: int) -> tuple[Admission, ScriptCall | None]:
     """The admission script call for this request (None when the principal has no limits)."""
-    limits = _limits_for(principal, tokens, estimate)
-    admission = Admission(request_id=request_id, tenant_id=principal.tenant_id, reserved_tokens=tokens, estimate_nano=estimate)
-    if not limits:
+    plan = _plan_for(principal)
+    admission = Admission(request_id=request_id, tenant_id=principal.tenant_id, reserved_tokens=tokens,
+                          estimate_nano=estimate, buckets=plan.buckets, slots=plan.slots, budgets=plan.budgets)
+    if not plan.keys:
         return admission, None
-    for limit in limits:
-        {"bucket": admission.buckets, "slots": admission.slots, "budget": admission.budgets}[limit.kind].append(limit)
-    too_big = next((b for b in admission.buckets if b.cost > b.limit), None)
-    if too_big is not None:
-        raise GatewayError(400, f"This request needs {int(too_big.cost)} {too_big.name.split(' per ')[0]} but the "
-                                f"limit is {int(too_big.limit)} {too_big.name}; lower max_tokens or shorten the prompt.",
-                           code="request_exceeds_limit", param="max_tokens")
-    ordered = admission.buckets + admission.slots + admission.budgets
-    keys = [limit.key for limit in ordered]
-    args: list = [len(admission.buckets), len(admission.slots), len(admission.budgets), request_id,
+    for capacity, _rate, costs_tokens in plan.bucket_args:
+        if costs_tokens and tokens > capacity:
+            raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {int(capacity)} tokens "
+                                    "per minute; lower max_tokens or shorten the prompt.",
+                               code="request_exceeds_limit", param="max_tokens")
+    args: list = [len(plan.buckets), len(plan.slots), len(plan.budgets), request_id,
                   int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)]
-    for b in admission.buckets:
-        args += [b.limit, repr(b.rate_per_ms), b.cost]
-    for s in admission.slots:
-        args.append(s.limit)
-    for m in admission.budgets:
-        args += [int(m.limit), m.cost, m.ttl]
-    return admission, ADMIT.call(keys, args)
+    for capacity, rate, costs_tokens in plan.bucket_args:
+        args += (capacity, rate, tokens if costs_tokens else 1)
+    args += plan.slot_args
+    periods = _current_periods()
+    for cap, which in plan.budget_args:
+        args += (cap, estimate, periods[which][1])  # seconds left in the period, fresh each second
+    return admission, ADMIT.call(plan.keys, args)
 
 
 def finish_admission(admission: Admission, result) -> Admission:
