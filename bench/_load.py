@@ -1,8 +1,10 @@
-"""The load generator of bench/overhead.py: closed-loop workers over one aiohttp session.
+"""The load generator of the benchmarks: closed-loop workers over one aiohttp session per target.
 
 Each worker sends the next request when its previous answer is complete; answers are checked
-(status, `choices` and `usage`, a stream's usage event and final `[DONE]`) and timed from just
-before sending to the last byte, and to the first `data:` event for streams.
+(status, `choices` and `usage`, a stream's usage event and final `[DONE]`, and any response
+header the target expects) and timed from just before sending to the last byte, and to the first
+`data:` event for streams. `run_phase` measures one target (bench/overhead.py);
+`run_interleaved` measures several in alternating slices (bench/limits.py, bench/resilience.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Target:
     model: str
     key: str
     pid: int | None = None  # the process whose CPU is charged to this path (platform only)
+    headers: dict = field(default_factory=dict)  # extra request headers (e.g. Idempotency-Key)
+    expect: dict = field(default_factory=dict)  # response headers every good answer must carry
 
 
 @dataclass
@@ -108,6 +112,7 @@ async def one_request(session: aiohttp.ClientSession, target: Target, body: byte
             else:
                 payload = await response.read()
             status = response.status
+            answer_headers = response.headers
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         result.problems[type(exc).__name__] += 1
         if len(result.samples) < 3:
@@ -125,6 +130,13 @@ async def one_request(session: aiohttp.ClientSession, target: Target, body: byte
         if len(result.samples) < 3:
             result.samples.append(f"{problem}: …{payload[-300:].decode(errors='replace')}")
         return
+    for name, value in target.expect.items():
+        if answer_headers.get(name) != value:
+            problem = f"{name} not {value}"
+            result.problems[problem] += 1
+            if len(result.samples) < 3:
+                result.samples.append(f"{problem}: got {answer_headers.get(name)!r}")
+            return
     result.good += 1
     window.append((finished, (finished - started) * 1000, None if ttft is None else ttft * 1000))
 
@@ -134,7 +146,7 @@ async def run_phase(target: Target, stream: bool, concurrency: int, warmup: floa
     """C workers in a closed loop for warmup + duration seconds; the window is the last part."""
     result = Result(target.name, stream, concurrency)
     body = request_body(target.model, stream)
-    headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json", **target.headers}
     window: list[tuple[float, float, float | None]] = []
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
@@ -177,18 +189,107 @@ async def run_phase(target: Target, stream: bool, concurrency: int, warmup: floa
     return result
 
 
-def first_request(url: str, key: str) -> float:
-    """Latency (ms) of the platform's very first chat request; fails loudly if it is refused."""
-    request = urllib.request.Request(url, data=request_body(ROUTE, False), method="POST", headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+def _mark(pid: int | None, platform_cpu: int | None) -> tuple[float, float | None, float | None]:
+    return (time.perf_counter(), cpu_seconds(pid) if pid else None,
+            core_busy_seconds(platform_cpu) if platform_cpu is not None else None)
+
+
+async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, concurrency: int,
+                 seconds: float, platform_cpu: int | None, result: Result, measured: bool) -> None:
+    """C workers on one target for `seconds`; answers completed inside are added to `result`
+    when `measured` (requests in flight at the end finish, uncounted, before the next slice)."""
+    body = request_body(target.model, stream)
+    headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json", **target.headers}
+    window: list[tuple[float, float, float | None]] = []
+    begin = _mark(target.pid, platform_cpu)
+    stop_at = begin[0] + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            result.sent += 1
+            await one_request(session, target, body, headers, stream, result, window)
+
+    async def marker():
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        return _mark(target.pid, platform_cpu)
+
+    everything = asyncio.gather(marker(), *(worker() for _ in range(concurrency)))
+    everything.add_done_callback(lambda f: f.cancelled() or f.exception())
+    end = (await asyncio.wait_for(everything, timeout=seconds + REQUEST_TIMEOUT + 10))[0]
+    if not measured:
+        return
+    inside = [w for w in window if w[0] <= end[0]]
+    result.elapsed += end[0] - begin[0]
+    result.ok += len(inside)
+    result.latencies += [w[1] for w in inside]
+    result.ttfts += [w[2] for w in inside if w[2] is not None]
+    if begin[1] is not None and end[1] is not None:
+        cpu = end[1] - begin[1]
+        result.cpu = (result.cpu or 0.0) + cpu
+        if begin[2] is not None and end[2] is not None:
+            result.core_other = (result.core_other or 0.0) + max(0.0, end[2] - begin[2] - cpu)
+
+
+async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,
+                          platform_cpu: int | None, slice_s: float = 0.5) -> list[Result]:
+    """Several targets in turns of `slice_s` seconds each, the order reversed every other turn
+    (A B C | C B A | A B …), so that the machine's changing load hits them alike: `warmup`
+    unmeasured, then `duration` measured seconds each. C workers per target, each target with
+    its own keep-alive session for the whole cell (a turn must stay under the servers'
+    keep-alive timeout: uvicorn's is 5 s)."""
+    results = [Result(t.name, stream, concurrency) for t in targets]
+    warm_turns = math.ceil(warmup / slice_s) if warmup > 0 else 0
+    turns = max(1, math.ceil(duration / slice_s))
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency),
+                                      timeout=timeout, auto_decompress=False) for _ in targets]
+    try:
+        for turn in range(warm_turns + turns):
+            order = range(len(targets)) if turn % 2 == 0 else reversed(range(len(targets)))
+            for i in order:
+                await _slice(sessions[i], targets[i], stream, concurrency, slice_s, platform_cpu, results[i],
+                             measured=turn >= warm_turns)
+    finally:
+        for session in sessions:
+            await session.close()
+    return results
+
+
+def first_request(url: str, key: str, model: str = ROUTE, headers: dict | None = None) -> tuple[float, dict]:
+    """Latency (ms) and headers of one chat request (the platform's very first, or the one that
+    stores an idempotent answer); fails loudly if it is refused or incomplete."""
+    request = urllib.request.Request(url, data=request_body(model, False), method="POST", headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **(headers or {})})
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
             payload = response.read()
+            answer_headers = {k.lower(): v for k, v in response.headers.items()}
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"the first request through the platform failed: HTTP {exc.code} {exc.read()[:500]!r}") from None
     elapsed = (time.perf_counter() - started) * 1000
     problem = check_answer(False, payload)
     if problem:
         raise RuntimeError(f"the first request through the platform: {problem}: {payload[:500]!r}")
-    return elapsed
+    return elapsed, answer_headers
+
+
+def merge(parts: list[Result]) -> Result:
+    """One cell measured over several visits (platform processes): windows and counts added up."""
+    first = parts[0]
+    out = Result(first.target, first.stream, first.concurrency)
+    for r in parts:
+        out.ok += r.ok
+        out.elapsed += r.elapsed
+        out.latencies += r.latencies
+        out.ttfts += r.ttfts
+        out.sent += r.sent
+        out.good += r.good
+        out.statuses.update(r.statuses)
+        out.problems.update(r.problems)
+        out.samples += r.samples[: max(0, 3 - len(out.samples))]
+        if r.cpu is not None:
+            out.cpu = (out.cpu or 0.0) + r.cpu
+        if r.core_other is not None:
+            out.core_other = (out.core_other or 0.0) + r.core_other
+    return out

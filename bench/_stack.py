@@ -346,7 +346,7 @@ def start_profile(procs: Processes, folder: str | None, pid: int, name: str, env
                                           "--output", str(out / f"{name}.txt"), "--pid", str(pid)], env, cpu)
 
 
-def drain_usage(redis_url: str, timeout: float = 30) -> tuple[int, int]:
+def drain_usage(redis_url: str, timeout: float = 30, poll: float = 0.2) -> tuple[int, int]:
     """Wait until the writer has emptied the usage stream; returns (left in stream, pending)."""
     import redis
 
@@ -362,7 +362,7 @@ def drain_usage(redis_url: str, timeout: float = 30) -> tuple[int, int]:
                 pending = 0
             if (length == 0 and pending == 0) or time.monotonic() > deadline:
                 return length, pending
-            time.sleep(0.2)
+            time.sleep(poll)
     finally:
         client.close()
 

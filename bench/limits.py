@@ -1,0 +1,223 @@
+"""What limits cost: the platform with limits on vs off, side by side in one run.
+
+    .venv/bin/python bench/limits.py [--duration 10] [--rounds 2] [--slice 0.5]
+                                      [--non-stream 1,8,32] [--stream 1,8] [--quick] [--profile DIR]
+
+The bench tenant has real, generous limits that never refuse (requests per minute and hour,
+tokens per minute, concurrency, daily and monthly budget), so every call runs the admission
+script and settles through the settle script. Each round starts two fresh platform processes on
+the platform core, one with GW_LIMITS_ENABLED=1 (on), one with =0 (off); in every cell the load
+alternates between them in slices (on off | off on | …, 0.5 s each), so the machine's changing
+load hits both sides alike, and both processes are stopped at the end of the round. The table
+gives p50, p99, req/s and CPU per request of each side, the p50 difference (also per round) and
+the throughput ratio, then PASS/FAIL against the issue's targets: limits add at most 0.5 ms to
+p50 and cost at most 10% of non-streaming throughput. Any 429 is an error (the limits must not
+refuse).
+
+The stack is the one of bench/overhead.py (bench/README.md): platform on core 0; fake upstream,
+usage writer and load on core 1; database gw_bench, Redis db 15; loopback only. Everything is
+stopped on exit, also on Ctrl-C, and the run is bounded by an alarm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._harness import Bench, Busy  # noqa: E402
+from bench._load import CHUNKS, Result, Target, first_request, merge, run_interleaved  # noqa: E402
+from bench._report import (  # noqa: E402
+    core_other,
+    cpu_per_req,
+    fmt,
+    gw_note,
+    header,
+    log_problems,
+    p50,
+    p99,
+    print_problems,
+    table,
+    verdict,
+    warn_busy,
+)
+from bench._stack import ROUTE, ROUTES_YAML, UPSTREAM_KEY_ENV, UPSTREAM_MODEL, say  # noqa: E402
+
+TARGETS = {"added_p50_ms": 0.5, "rps_ratio": 0.90}
+GENEROUS = ("--rpm", "10000000", "--rph", "100000000", "--tpm", "1000000000", "--concurrency", "100000",
+            "--daily-budget", "1000000", "--monthly-budget", "10000000", "--max-tokens", "none", "--models", "")
+SIDES = {"on": {"GW_LIMITS_ENABLED": "1"}, "off": {"GW_LIMITS_ENABLED": "0"}}
+LIMIT_HEADER = "x-ratelimit-limit-requests"  # sent only when admission ran
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Platform overhead with limits on vs off (bench/README.md).")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="measured seconds per cell and side, split over the rounds (default 10; 1.5 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds, each with a fresh pair of platform processes (default 2; 1 with --quick)")
+    parser.add_argument("--slice", type=float, default=0.5, help="seconds of load on one side before switching (0.5)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per cell, side and round (0.5)")
+    parser.add_argument("--non-stream", default=None, help="non-streaming concurrencies (default 1,8,32; 1,8 with --quick)")
+    parser.add_argument("--stream", default="1,8", help="streaming concurrencies (default 1,8; '' for none)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (~30 s)")
+    parser.add_argument("--embedded", action="store_true", help="use embedded PostgreSQL/Redis even if others answer")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="record both platform processes with py-spy (if installed) during each cell, as "
+                             "collapsed stacks in DIR")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (1.5 if args.quick else 10.0)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    args.non_stream = args.non_stream if args.non_stream is not None else ("1,8" if args.quick else "1,8,32")
+    try:
+        args.cells = [(False, int(c)) for c in args.non_stream.split(",") if c.strip()]
+        args.cells += [(True, int(c)) for c in args.stream.split(",") if c.strip()]
+    except ValueError:
+        parser.error("concurrencies are comma-separated integers, e.g. 1,8,32")
+    if not args.cells or min(c for _, c in args.cells) < 1 or args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
+        parser.error("need concurrency >= 1, duration > 0, rounds >= 1, warmup >= 0")
+    if not 0.05 <= args.slice <= 2:
+        parser.error("--slice must be between 0.05 and 2 s (a turn must stay under uvicorn's 5 s keep-alive)")
+    return args
+
+
+def mode(stream: bool) -> str:
+    return "stream" if stream else "non-stream"
+
+
+def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, int], dict[str, Result]]:
+    merged = {cell: {side: merge(runs[side, *cell]) for side in SIDES} for cell in cells}
+    columns = [("mode", 10), ("c", 3), ("p50 on", 7), ("p50 off", 7), ("Δp50", 6), ("Δp50 by round", 27),
+               ("p99 on", 7), ("p99 off", 7), ("req/s on", 8), ("req/s off", 9), ("on/off", 6),
+               ("CPU ms/req on", 13), ("off", 5), ("core0 other on/off", 18)]
+    rows = []
+    for cell in cells:
+        on, off = merged[cell]["on"], merged[cell]["off"]
+        by_round = [p50(a) - p50(b) for a, b in zip(runs["on", *cell], runs["off", *cell], strict=True)]
+        rows.append([
+            mode(cell[0]), str(cell[1]), fmt(p50(on), 2), fmt(p50(off), 2), f"{p50(on) - p50(off):+.2f}",
+            " ".join(f"{d:+.2f}" for d in by_round), fmt(p99(on), 2), fmt(p99(off), 2),
+            fmt(on.rps, 0), fmt(off.rps, 0), fmt(on.rps / off.rps, 2) if off.rps else "-",
+            fmt(cpu_per_req(on), 2), fmt(cpu_per_req(off), 2), f"{core_other(on)} / {core_other(off)}",
+        ])
+    table(columns, rows)
+    print("(latencies in ms; Δ = on - off; req/s for streams = complete 20-chunk streams per second)")
+    return merged
+
+
+def print_targets(merged: dict, limited: int) -> None:
+    print("\nTargets (limits on vs off, platform on one core):")
+    for stream in (False, True):
+        cell = (stream, 1)
+        if cell in merged:
+            d = p50(merged[cell]["on"]) - p50(merged[cell]["off"])
+            print(f"  {verdict(d <= TARGETS['added_p50_ms'])}  limits add <= {TARGETS['added_p50_ms']} ms to p50 "
+                  f"({mode(stream)}, c=1): {d:+.2f} ms")
+    for (stream, c), sides in merged.items():
+        if stream or c == 1:
+            continue  # at c=1 req/s is 1 / latency: the p50 target covers it
+        on, off = sides["on"], sides["off"]
+        ratio = on.rps / off.rps if off.rps else float("nan")
+        cpu_on, cpu_off = cpu_per_req(on), cpu_per_req(off)
+        cpu = f"; CPU per request {cpu_on:.2f} vs {cpu_off:.2f} ms ({cpu_off / cpu_on:.2f} by CPU)" if cpu_on and cpu_off else ""
+        print(f"  {verdict(ratio >= TARGETS['rps_ratio'])}  limits cost <= {1 - TARGETS['rps_ratio']:.0%} of "
+              f"non-streaming throughput (c={c}): on/off = {ratio:.2f} ({on.rps:,.0f} vs {off.rps:,.0f} req/s){cpu}")
+    on_cells = [s["on"] for s in merged.values()]
+    on_cpu = sum(r.cpu or 0 for r in on_cells) * 1000 / max(1, sum(r.ok for r in on_cells))
+    off_cells = [s["off"] for s in merged.values()]
+    off_cpu = sum(r.cpu or 0 for r in off_cells) * 1000 / max(1, sum(r.ok for r in off_cells))
+    print(f"  info  platform CPU per answer, all cells pooled: on {on_cpu:.2f} ms, off {off_cpu:.2f} ms "
+          f"(limits: {on_cpu - off_cpu:+.2f} ms)")
+    print(f"  {verdict(limited == 0)}  no 429 with limits on: {limited} refused")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    measured = 2 * len(args.cells) * (args.duration + args.rounds * (args.warmup + args.slice) + 10)
+    budget = 180 + args.rounds * 120 + measured * 1.5
+    try:
+        with Bench(budget, args.embedded) as bench:
+            return measure(bench, args)
+    except Busy as exc:
+        say(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted; everything it started is stopped")
+        return 130
+
+
+def measure(bench: Bench, args: argparse.Namespace) -> int:
+    upstream_root = bench.start_upstream()
+    key = bench.prepare(ROUTES_YAML.format(route=ROUTE, upstream_model=UPSTREAM_MODEL, base_url=upstream_root,
+                                           key_env=UPSTREAM_KEY_ENV), GENEROUS)
+    bench.start_writer()
+    per_round = args.duration / args.rounds
+    runs: dict[tuple, list[Result]] = {(side, *cell): [] for side in SIDES for cell in args.cells}
+    starts: dict[str, list[float]] = {side: [] for side in SIDES}
+    firsts: dict[str, list[float]] = {side: [] for side in SIDES}
+    header_seen: dict[str, set[bool]] = {side: set() for side in SIDES}
+    for r in range(args.rounds):
+        plats = bench.start_sides(SIDES, r, "limits", key=None)
+        for side, plat in plats.items():
+            first_ms, first_headers = first_request(plat.chat_url, key)
+            header_seen[side].add(LIMIT_HEADER in first_headers)
+            starts[side].append(plat.start_s)
+            firsts[side].append(first_ms)
+        say(f"round {r + 1}/{args.rounds}: limits on pid {plats['on'].pid}, off pid {plats['off'].pid}; "
+            f"{len(args.cells)} cells of {args.warmup:g} s warm-up + {per_round:g} s per side, in {args.slice:g} s slices")
+        targets = [Target(f"limits {side}", plat.chat_url, ROUTE, key, pid=plat.pid) for side, plat in plats.items()]
+
+        async def cells(targets=targets, plats=plats, r=r) -> None:
+            for stream, c in args.cells:
+                bench.quiet()
+                spies = [bench.profile(args.profile, plat, f"limits-{side}-r{r + 1}-{mode(stream)}-c{c}")
+                         for side, plat in plats.items()]
+                results = await run_interleaved(targets, stream, c, args.warmup, per_round, bench.platform_cpu,
+                                                args.slice)
+                for spy in spies:
+                    bench.end_profile(spy)
+                bench.check_alive()
+                for side, result in zip(plats, results, strict=True):
+                    runs[side, stream, c].append(result)
+
+        bench.run(cells)
+        for plat in plats.values():
+            bench.stop_platform(plat)
+
+    left, pending, rows, cost = bench.usage()
+    header("Limits on vs off", f"{args.rounds} round(s) of fresh on/off processes, {args.duration:g} s measured per "
+                               f"cell and side in {args.slice:g} s slices alternating between the sides, after "
+                               f"{args.warmup:g} s warm-up per round; {CHUNKS}-chunk streams")
+    merged = print_table(args.cells, runs)
+    print()
+    print("Tenant limits (on side): " + " ".join(GENEROUS[:12]).replace("--", ""))
+    for side in SIDES:
+        seen = header_seen[side]
+        print(f"Limits {side}: {len(starts[side])} process(es), healthy {min(starts[side]):.1f}-{max(starts[side]):.1f} s "
+              f"after spawn, first request {min(firsts[side]):.0f}-{max(firsts[side]):.0f} ms; {LIMIT_HEADER} "
+              f"{'sent' if seen == {True} else 'absent' if seen == {False} else 'sometimes sent'}")
+    print(f"Usage recording: {rows:,} rows in gw_bench.billing_usagerecord, total cost ${cost}; "
+          f"{left} left in the stream, {pending} pending; {bench.quiet_wait_s:.1f} s spent waiting for the "
+          f"writer to catch up before cells")
+    everything = [r for results in runs.values() for r in results]
+    limited = sum(r.statuses.get(429, 0) for (side, *_), results in runs.items() if side == "on" for r in results)
+    print_targets(merged, limited)
+    problems = []
+    if header_seen["on"] != {True}:
+        problems.append(f"limits on: {LIMIT_HEADER} missing, so admission did not run")
+    if header_seen["off"] != {False}:
+        problems.append(f"limits off: {LIMIT_HEADER} present, so GW_LIMITS_ENABLED=0 was not honoured")
+    for text in problems:
+        print(f"WARNING: {text}")
+    bad = print_problems([merge(v) for v in runs.values()], label=lambda r: f"{r.target:10s}")
+    warn_busy(everything)
+    gw_note(overridden=("GW_LIMITS_ENABLED",))
+    log_problems(bench.platform_logs, "The platform")
+    log_problems([bench.logs / "usage_writer.log"], "The usage writer")
+    return 1 if bad or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
