@@ -270,3 +270,16 @@ class Bench:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+def run_bench(budget: float, embedded: bool, measure, args) -> int:
+    """Run `measure(bench, args)` inside a Bench; exit 2 when another run holds the lock, 130 on Ctrl-C."""
+    try:
+        with Bench(budget, embedded) as bench:
+            return measure(bench, args)
+    except Busy as exc:
+        say(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted; everything it started is stopped")
+        return 130

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import Bench, Busy  # noqa: E402
+from bench._harness import Bench, run_bench  # noqa: E402
 from bench._load import CHUNKS, Result, Target, first_request, percentile, run_phase  # noqa: E402
 from bench._report import (  # noqa: E402
     fmt,
@@ -146,15 +146,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     cells = len(args.levels) * 2 * 2
     budget = 300 + cells * (args.warmup + args.duration + 15)
-    try:
-        with Bench(budget, args.embedded) as bench:
-            return measure(bench, args)
-    except Busy as exc:
-        say(str(exc))
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; everything it started is stopped")
-        return 130
+    return run_bench(budget, args.embedded, measure, args)
 
 
 def measure(bench: Bench, args: argparse.Namespace) -> int:

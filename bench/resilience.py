@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import Bench, Busy  # noqa: E402
+from bench._harness import Bench, run_bench  # noqa: E402
 from bench._load import Result, Target, first_request, merge, run_interleaved  # noqa: E402
 from bench._report import (  # noqa: E402
     core_other,
@@ -190,15 +190,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     measured = len(args.levels) * len(SCENARIOS) * (args.duration + args.rounds * (args.warmup + args.slice) + 10)
     budget = 180 + args.rounds * 120 + measured * 1.5
-    try:
-        with Bench(budget, args.embedded) as bench:
-            return measure(bench, args)
-    except Busy as exc:
-        say(str(exc))
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; everything it started is stopped")
-        return 130
+    return run_bench(budget, args.embedded, measure, args)
 
 
 def force_open(bench: Bench) -> tuple[str, str]:
