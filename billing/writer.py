@@ -20,7 +20,7 @@ from django.db import DataError, IntegrityError, transaction
 from django.db.models import Q
 
 from gateway.events import drain_breaker_events
-from llm_platform.redis import get_redis
+from llm_platform.redis import get_redis, move_stream_to_table
 from tenants.models import ApiKey
 
 from .models import UsageRecord
@@ -158,21 +158,13 @@ def drain_alerts(count: int = 500) -> int:
 
     from .models import BudgetAlert
 
-    client = get_redis()
-    stream = settings.GATEWAY["ALERT_STREAM"]
-    entries = client.xrange(stream, count=count)
-    if not entries:
-        return 0
-    alerts = []
-    for _entry_id, fields in entries:
-        data = {k.decode(): v.decode() for k, v in fields.items()}
-        alerts.append(BudgetAlert(
+    def to_row(entry_id: str, data: dict) -> BudgetAlert:
+        return BudgetAlert(
             tenant_id=int(data["tenant_id"]), scope=data["scope"], period=data["period"],
             threshold=int(data["threshold"]), spent_usd=Decimal(data["spent_nano"]) / 10**9,
-            cap_usd=Decimal(data["cap_nano"]) / 10**9, request_id=data.get("request_id", "")))
-    BudgetAlert.objects.bulk_create(alerts, ignore_conflicts=True)
-    client.xdel(stream, *(entry_id for entry_id, _ in entries))
-    return len(entries)
+            cap_usd=Decimal(data["cap_nano"]) / 10**9, request_id=data.get("request_id", ""))
+
+    return move_stream_to_table(settings.GATEWAY["ALERT_STREAM"], BudgetAlert, to_row, count)
 
 
 def drain_all(consumer: str | None = None) -> int:

@@ -44,3 +44,20 @@ def get_async_redis() -> aioredis.Redis:
         )
         _async_clients[loop_id] = client
     return client
+
+
+def move_stream_to_table(stream: str, model, to_row, count: int = 500) -> int:
+    """Copy a batch of a Redis stream's entries into `model` rows, then delete them.
+
+    `to_row(entry_id, fields)` builds an unsaved row; the table's unique constraint makes a
+    batch copied twice (a crash between insert and delete) harmless.
+    """
+    client = get_redis()
+    entries = client.xrange(stream, count=count)
+    if not entries:
+        return 0
+    rows = [to_row(entry_id.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+            for entry_id, fields in entries]
+    model.objects.bulk_create(rows, ignore_conflicts=True)
+    client.xdel(stream, *(entry_id for entry_id, _ in entries))
+    return len(entries)
