@@ -21,7 +21,6 @@ from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 
 import orjson
-import redis.exceptions
 from django.conf import settings
 
 from llm_platform.redis import get_async_redis
@@ -106,7 +105,6 @@ class Limit:
     scope: str  # "tenant" or "key"
     limit: float
     rate_per_ms: float = 0.0
-    cost: float = 0.0
     period: str = ""
     ttl: int = 0
     header: str = ""  # "requests" / "tokens" when it feeds x-ratelimit-* headers
@@ -144,7 +142,8 @@ def _period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
     return (now.strftime("%Y-%m-%d"), int(day_end - ts) + 1), (now.strftime("%Y-%m"), int(month_end - ts) + 1)
 
 
-def _limits_for(principal: Principal, tokens: int, estimate_nano: int) -> list[Limit]:
+def _limits_for(principal: Principal) -> list[Limit]:
+    """Every limit that applies to this principal; costs are filled in per request."""
     out: list[Limit] = []
     (day, day_ttl), (month, month_ttl) = _current_periods()
     scopes = [("tenant", f"gw:{{t{principal.tenant_id}}}", {
@@ -156,20 +155,20 @@ def _limits_for(principal: Principal, tokens: int, estimate_nano: int) -> list[L
     for scope, base, values in scopes:
         if values.get("requests_per_minute"):
             n = values["requests_per_minute"]
-            out.append(Limit("bucket", f"{base}:rpm", "requests per minute", scope, n, n / 60_000, 1, header="requests"))
+            out.append(Limit("bucket", f"{base}:rpm", "requests per minute", scope, n, n / 60_000, header="requests"))
         if values.get("requests_per_hour"):
             n = values["requests_per_hour"]
-            out.append(Limit("bucket", f"{base}:rph", "requests per hour", scope, n, n / 3_600_000, 1))
+            out.append(Limit("bucket", f"{base}:rph", "requests per hour", scope, n, n / 3_600_000))
         if values.get("tokens_per_minute"):
             n = values["tokens_per_minute"]
-            out.append(Limit("bucket", f"{base}:tpm", "tokens per minute", scope, n, n / 60_000, tokens, header="tokens"))
+            out.append(Limit("bucket", f"{base}:tpm", "tokens per minute", scope, n, n / 60_000, header="tokens"))
         if values.get("max_concurrent"):
             out.append(Limit("slots", f"{base}:conc", "concurrent requests", scope, values["max_concurrent"]))
         for field_name, label, period, ttl in (("daily_budget_usd", "daily budget", day, day_ttl),
                                                ("monthly_budget_usd", "monthly budget", month, month_ttl)):
             if values.get(field_name) is not None:
                 cap = nano(Decimal(values[field_name]))
-                out.append(Limit("budget", f"{base}:spend:{period}", label, scope, cap, cost=estimate_nano, period=period, ttl=ttl))
+                out.append(Limit("budget", f"{base}:spend:{period}", label, scope, cap, period=period, ttl=ttl))
     return out
 
 
@@ -219,7 +218,7 @@ def _plan_for(principal: Principal) -> _Plan:
     plan = _plans.get(id(principal))
     if plan is not None and plan.principal is principal and plan.period == day:
         return plan
-    limits = _limits_for(principal, 0, 0)
+    limits = _limits_for(principal)
     buckets = [limit for limit in limits if limit.kind == "bucket"]
     slots = [limit for limit in limits if limit.kind == "slots"]
     budgets = [limit for limit in limits if limit.kind == "budget"]
@@ -264,18 +263,6 @@ def finish_admission(admission: Admission, result) -> Admission:
         raise _refusal(ordered[result[1] - 1], int(result[2]), {})
     admission.headers = _headers(admission.buckets, result[1:])
     return admission
-
-
-async def admit(principal: Principal, request_id: str, tokens: int, estimate: int) -> Admission:
-    """Reserve every limit for this request or raise 429 (limit hit) / 503 (Redis away)."""
-    admission, call = prepare_admission(principal, request_id, tokens, estimate)
-    if call is None:
-        return admission
-    try:
-        (result,) = await run_scripts([call])
-    except (redis.exceptions.RedisError, OSError):
-        raise unavailable() from None
-    return finish_admission(admission, result)
 
 
 def _headers(buckets: list[Limit], values: list) -> dict[str, str]:

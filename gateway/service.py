@@ -440,17 +440,15 @@ async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
         if heartbeat is not None:
             heartbeat.cancel()
         # Settle in its own task: a cancelled request (client gone) cannot interrupt it.
-        task = asyncio.ensure_future(call.settle())
-        _settling.add(task)
-        task.add_done_callback(_settling.discard)
-        await asyncio.shield(task)  # if we are cancelled here, the task still finishes
+        await asyncio.shield(_background(call.settle()))  # if we are cancelled here, it still finishes
 
 
-def _background(coro) -> None:
-    """Run a coroutine nobody waits for, kept referenced until done (and drained at shutdown)."""
+def _background(coro) -> asyncio.Task:
+    """Run a coroutine in its own task, kept referenced until done (and drained at shutdown)."""
     task = asyncio.ensure_future(coro)
     _settling.add(task)
     task.add_done_callback(_settling.discard)
+    return task
 
 
 def resilience_enabled() -> bool:

@@ -40,8 +40,14 @@ async def startup() -> None:
     # takes ~2 s to import, blocking the event loop).
     from ..providers.base import _factory
 
-    for kind in {lane.provider for route in table.values() for lane in route.lanes}:
+    lanes = [lane for route in table.values() for lane in route.lanes]
+    for kind in {lane.provider for lane in lanes}:
         await sync_to_async(_factory, thread_sensitive=False)(kind)
+    # Likewise the tokenizers the routes' models count with (loading one takes ~0.5 s).
+    from ..tokens import encoding_name_for
+
+    for name in {encoding_name_for(lane.upstream_model) for lane in lanes}:
+        await sync_to_async(encoding, thread_sensitive=False)(name)
     import gc
 
     # Everything loaded so far lives as long as the process: keep it out of the collector's
