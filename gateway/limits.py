@@ -100,26 +100,26 @@ class Limit:
     """One bucket, slot set or budget, with the words a refusal uses."""
 
     kind: str  # bucket | slots | budget
-    key: str
+    field: str  # the scope hash's field ("rpm", "d", ...); "" for slots
     name: str  # e.g. "requests per minute"
     scope: str  # "tenant" or "key"
-    limit: float
+    limit: int
     rate_per_ms: float = 0.0
     period: str = ""
-    ttl: int = 0
     header: str = ""  # "requests" / "tokens" when it feeds x-ratelimit-* headers
 
 
 @dataclass(slots=True)
-class Admission:
-    request_id: str
-    tenant_id: int
-    buckets: list[Limit] = field(default_factory=list)
-    slots: list[Limit] = field(default_factory=list)
-    budgets: list[Limit] = field(default_factory=list)
-    reserved_tokens: int = 0
-    estimate_nano: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
+class Scope:
+    """The tenant's or one key's limits: one hash (buckets, spend) and one set (slots) in Redis."""
+
+    label: str  # "tenant" or "key"
+    hash_key: str
+    slot_key: str
+    buckets: list[Limit]
+    slot_limit: int  # 0 = no concurrency limit
+    budgets: list[Limit]
+    ttl_ms: int  # the hash outlives every bucket's refill and every budget's period
 
 
 _periods: tuple[int, tuple] = (-1, ())
@@ -142,34 +142,32 @@ def _period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
     return (now.strftime("%Y-%m-%d"), int(day_end - ts) + 1), (now.strftime("%Y-%m"), int(month_end - ts) + 1)
 
 
-def _limits_for(principal: Principal) -> list[Limit]:
-    """Every limit that applies to this principal; costs are filled in per request."""
-    out: list[Limit] = []
-    (day, day_ttl), (month, month_ttl) = _current_periods()
-    scopes = [("tenant", f"gw:{{t{principal.tenant_id}}}", {
-        name: getattr(principal, name) for name in (
-            "requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent",
-            "daily_budget_usd", "monthly_budget_usd")})]
+_BUCKETS = (("requests_per_minute", "rpm", "requests per minute", 60_000, "requests"),
+            ("requests_per_hour", "rph", "requests per hour", 3_600_000, ""),
+            ("tokens_per_minute", "tpm", "tokens per minute", 60_000, "tokens"))
+_BUDGETS = (("daily_budget_usd", "d", "daily budget", 0), ("monthly_budget_usd", "m", "monthly budget", 1))
+
+
+def _scopes_for(principal: Principal) -> list[Scope]:
+    """Every limit that applies to this principal, by scope; costs are filled in per request."""
+    periods = _current_periods()
+    base = f"gw:{{t{principal.tenant_id}}}"
+    sources = [("tenant", base, {name: getattr(principal, name) for name, *_ in _BUCKETS + _BUDGETS}
+                | {"max_concurrent": principal.max_concurrent})]
     if principal.key_limits:
-        scopes.append(("key", f"gw:{{t{principal.tenant_id}}}:k{principal.key_id}", principal.key_limits))
-    for scope, base, values in scopes:
-        if values.get("requests_per_minute"):
-            n = values["requests_per_minute"]
-            out.append(Limit("bucket", f"{base}:rpm", "requests per minute", scope, n, n / 60_000, header="requests"))
-        if values.get("requests_per_hour"):
-            n = values["requests_per_hour"]
-            out.append(Limit("bucket", f"{base}:rph", "requests per hour", scope, n, n / 3_600_000))
-        if values.get("tokens_per_minute"):
-            n = values["tokens_per_minute"]
-            out.append(Limit("bucket", f"{base}:tpm", "tokens per minute", scope, n, n / 60_000, header="tokens"))
-        if values.get("max_concurrent"):
-            out.append(Limit("slots", f"{base}:conc", "concurrent requests", scope, values["max_concurrent"]))
-        for field_name, label, period, ttl in (("daily_budget_usd", "daily budget", day, day_ttl),
-                                               ("monthly_budget_usd", "monthly budget", month, month_ttl)):
-            if values.get(field_name) is not None:
-                cap = nano(Decimal(values[field_name]))
-                out.append(Limit("budget", f"{base}:spend:{period}", label, scope, cap, period=period, ttl=ttl))
-    return out
+        sources.append(("key", f"{base}:k{principal.key_id}", principal.key_limits))
+    scopes = []
+    for label, prefix, values in sources:
+        buckets = [Limit("bucket", short, name, label, int(values[attr]), values[attr] / window, header=header)
+                   for attr, short, name, window, header in _BUCKETS if values.get(attr)]
+        budgets = [Limit("budget", short, name, label, nano(Decimal(values[attr])), period=periods[which][0])
+                   for attr, short, name, which in _BUDGETS if values.get(attr) is not None]
+        ttl_ms = max((int(b.limit / b.rate_per_ms) + 60_000 for b in buckets), default=60_000)
+        if budgets:
+            ttl_ms = max(ttl_ms, (periods[1][1] + 86400) * 1000)
+        scopes.append(Scope(label, f"{prefix}:lim", f"{prefix}:conc", buckets, int(values.get("max_concurrent") or 0),
+                            budgets, ttl_ms))
+    return [s for s in scopes if s.buckets or s.slot_limit or s.budgets]
 
 
 def estimate_nano(lane: LaneSpec, prompt_tokens: int, reserved_completion: int) -> int:
@@ -197,17 +195,23 @@ def _refusal(limit: Limit, retry_ms: int, headers: dict) -> GatewayError:
 
 @dataclass(slots=True)
 class _Plan:
-    """A principal's limits, keys and script arguments, built once (the principal is immutable)."""
+    """A principal's scopes and admission arguments, built once (the principal is immutable).
+
+    `args` is the admission script's argument list with placeholders that each request fills
+    in: its id, its token cost, its estimated spend and the seconds left in each budget period.
+    """
 
     principal: Principal  # held so that id() stays this principal's while cached
-    period: str
-    buckets: list[Limit]
-    slots: list[Limit]
-    budgets: list[Limit]
+    day: str
+    scopes: list[Scope]
+    ordered: list[Limit]  # every limit in the script's refusal-index order
+    buckets: list[Limit]  # in the order the script reports remaining/reset
     keys: list[str]
-    bucket_args: list[tuple[float, str, bool]]  # (capacity, refill per ms as text, costs tokens?)
-    slot_args: list[float]
-    budget_args: list[tuple[int, int]]  # (cap, 0 for the day's budget / 1 for the month's)
+    args: list
+    token_costs: list[int]  # positions in args
+    estimates: list[int]
+    seconds_left: list[tuple[int, int]]  # (position, 0 = day / 1 = month)
+    token_capacity: int | None  # the smallest tokens-per-minute bucket
 
 
 _plans: dict[int, _Plan] = {}
@@ -216,41 +220,69 @@ _plans: dict[int, _Plan] = {}
 def _plan_for(principal: Principal) -> _Plan:
     day = _current_periods()[0][0]
     plan = _plans.get(id(principal))
-    if plan is not None and plan.principal is principal and plan.period == day:
+    if plan is not None and plan.principal is principal and plan.day == day:
         return plan
-    limits = _limits_for(principal)
-    buckets = [limit for limit in limits if limit.kind == "bucket"]
-    slots = [limit for limit in limits if limit.kind == "slots"]
-    budgets = [limit for limit in limits if limit.kind == "budget"]
-    plan = _Plan(principal, day, buckets, slots, budgets, [limit.key for limit in buckets + slots + budgets],
-                 [(b.limit, repr(b.rate_per_ms), b.header == "tokens") for b in buckets],
-                 [slot.limit for slot in slots], [(int(m.limit), 0 if m.period == day else 1) for m in budgets])
+    scopes = _scopes_for(principal)
+    ordered, buckets, keys = [], [], []
+    args: list = [len(scopes), "", int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)]
+    token_costs, estimates, seconds_left = [], [], []
+    for scope in scopes:
+        keys += (scope.hash_key, scope.slot_key)
+        args += (len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
+        for bucket in scope.buckets:
+            if bucket.header == "tokens":
+                token_costs.append(len(args) + 3)
+            args += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), 1)
+        for budget in scope.budgets:
+            estimates.append(len(args) + 3)
+            seconds_left.append((len(args) + 4, 0 if budget.field == "d" else 1))
+            args += (budget.field, budget.period, budget.limit, 0, 0)
+        ordered += scope.buckets + ([Limit("slots", "", "concurrent requests", scope.label, scope.slot_limit)]
+                                    if scope.slot_limit else []) + scope.budgets
+        buckets += scope.buckets
+    capacities = [b.limit for b in buckets if b.header == "tokens"]
+    plan = _Plan(principal, day, scopes, ordered, buckets, keys, args, token_costs, estimates, seconds_left,
+                 min(capacities) if capacities else None)
     if len(_plans) > 10_000:
         _plans.clear()
     _plans[id(principal)] = plan
     return plan
 
 
+@dataclass(slots=True)
+class Admission:
+    request_id: str
+    tenant_id: int
+    plan: _Plan
+    reserved_tokens: int = 0
+    estimate_nano: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def slot_keys(self) -> list[str]:
+        return [scope.slot_key for scope in self.plan.scopes if scope.slot_limit]
+
+
 def prepare_admission(principal: Principal, request_id: str, tokens: int, estimate: int) -> tuple[Admission, ScriptCall | None]:
     """The admission script call for this request (None when the principal has no limits)."""
     plan = _plan_for(principal)
-    admission = Admission(request_id=request_id, tenant_id=principal.tenant_id, reserved_tokens=tokens,
-                          estimate_nano=estimate, buckets=plan.buckets, slots=plan.slots, budgets=plan.budgets)
-    if not plan.keys:
+    admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
+    if not plan.scopes:
         return admission, None
-    for capacity, _rate, costs_tokens in plan.bucket_args:
-        if costs_tokens and tokens > capacity:
-            raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {int(capacity)} tokens "
-                                    "per minute; lower max_tokens or shorten the prompt.",
-                               code="request_exceeds_limit", param="max_tokens")
-    args: list = [len(plan.buckets), len(plan.slots), len(plan.budgets), request_id,
-                  int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)]
-    for capacity, rate, costs_tokens in plan.bucket_args:
-        args += (capacity, rate, tokens if costs_tokens else 1)
-    args += plan.slot_args
-    periods = _current_periods()
-    for cap, which in plan.budget_args:
-        args += (cap, estimate, periods[which][1])  # seconds left in the period, fresh each second
+    if plan.token_capacity is not None and tokens > plan.token_capacity:
+        raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {plan.token_capacity} tokens "
+                                "per minute; lower max_tokens or shorten the prompt.",
+                           code="request_exceeds_limit", param="max_tokens")
+    args = plan.args.copy()
+    args[1] = request_id
+    for i in plan.token_costs:
+        args[i] = tokens
+    for i in plan.estimates:
+        args[i] = estimate
+    if plan.seconds_left:
+        periods = _current_periods()
+        for i, which in plan.seconds_left:
+            args[i] = periods[which][1]
     return admission, ADMIT.call(plan.keys, args)
 
 
@@ -259,25 +291,26 @@ def finish_admission(admission: Admission, result) -> Admission:
     if isinstance(result, Exception):
         raise unavailable() from None
     if result[0] == 0:
-        ordered = admission.buckets + admission.slots + admission.budgets
-        raise _refusal(ordered[result[1] - 1], int(result[2]), {})
-    admission.headers = _headers(admission.buckets, result[1:])
+        raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
+    admission.headers = _headers(admission.plan.buckets, result)
     return admission
 
 
 def _headers(buckets: list[Limit], values: list) -> dict[str, str]:
-    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key)."""
+    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key).
+
+    `values` is the script's answer: 1, then remaining and reset (ms) for each bucket."""
     chosen: dict[str, tuple[Limit, int, int]] = {}
     for i, bucket in enumerate(buckets):
         if not bucket.header:
             continue
-        remaining, reset_ms = int(values[2 * i]), int(values[2 * i + 1])
+        remaining = values[2 * i + 1]
         best = chosen.get(bucket.header)
         if best is None or remaining < best[1]:
-            chosen[bucket.header] = (bucket, remaining, reset_ms)
+            chosen[bucket.header] = (bucket, remaining, values[2 * i + 2])
     headers = {}
     for kind, (bucket, remaining, reset_ms) in chosen.items():
-        headers[f"x-ratelimit-limit-{kind}"] = str(int(bucket.limit))
+        headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
         headers[f"x-ratelimit-reset-{kind}"] = reset_text(reset_ms)
     return headers
@@ -293,26 +326,29 @@ def alert_stream() -> str:
 
 def settle_call(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> ScriptCall:
     """Refund or charge tokens, release the slot, settle spend, buffer the row: one script."""
-    buckets = [b for b in admission.buckets if b.header == "tokens"]
-    keys = [b.key for b in buckets] + [s.key for s in admission.slots] + [m.key for m in admission.budgets]
-    keys += [usage_stream(), alert_stream()]
-    args: list = [len(buckets), len(admission.slots), len(admission.budgets), admission.request_id]
-    for b in buckets:
-        args += [b.limit, repr(b.rate_per_ms), admission.reserved_tokens - used_tokens]
+    plan = admission.plan
+    refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
-    for m in admission.budgets:
-        args += [int(m.limit), delta, m.ttl, m.scope, m.period]
-    args += [orjson.dumps(row, default=str), admission.tenant_id]
-    return SETTLE.call(keys, args)
+    args: list = [len(plan.scopes), admission.request_id, admission.tenant_id]
+    for scope in plan.scopes:
+        tokens = [b for b in scope.buckets if b.header == "tokens"]
+        args += (len(tokens), 1 if scope.slot_limit else 0, len(scope.budgets), scope.ttl_ms, scope.label)
+        for bucket in tokens:
+            args += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), refund)
+        for budget in scope.budgets:
+            args += (budget.field, budget.period, budget.limit, delta)
+    args.append(orjson.dumps(row, default=str))
+    return SETTLE.call([*plan.keys, usage_stream(), alert_stream()], args)
 
 
 async def refresh_slots(admission: Admission) -> None:
     """Keep a long call's concurrency slot alive (slots expire so dead workers free them)."""
-    if not admission.slots:
+    keys = admission.slot_keys
+    if not keys:
         return
     expiry = time.time() * 1000 + settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000
     client = get_async_redis()
     async with client.pipeline(transaction=False) as pipe:
-        for slot in admission.slots:
-            pipe.zadd(slot.key, {admission.request_id: expiry}, xx=True)
+        for key in keys:
+            pipe.zadd(key, {admission.request_id: expiry}, xx=True)
         await pipe.execute()

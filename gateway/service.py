@@ -461,7 +461,7 @@ def _timeout(ticket) -> UpstreamError:
 
 
 def _keep_slots(admission: limits.Admission | None) -> asyncio.Task | None:
-    if admission is None or not admission.slots:
+    if admission is None or not admission.slot_keys:
         return None
     period = settings.GATEWAY["SLOT_TTL_SECONDS"] / 3
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import time
+from datetime import UTC, datetime
 
 import aiohttp
 import openai
@@ -65,7 +66,7 @@ def tokens_in_bucket(tenant_id: int, at_least: float) -> float:
     """The bucket's level once settlement (which runs just after the response is sent) is done."""
     deadline = time.monotonic() + 3
     while True:
-        level = float(get_redis().hget(f"gw:{{t{tenant_id}}}:tpm", "t"))
+        level = float(get_redis().hget(f"gw:{{t{tenant_id}}}:lim", "tpm"))
         if level >= at_least or time.monotonic() > deadline:
             return level
         time.sleep(0.02)
@@ -224,6 +225,20 @@ def test_daily_budget_refuses_with_insufficient_quota_and_alerts_once(server, te
     drain_usage()
     alerts = list(BudgetAlert.objects.filter(tenant=tenant).values_list("scope", "threshold"))
     assert ("tenant", 80) in alerts and alerts.count(("tenant", 80)) == 1
+
+
+def test_spend_of_an_earlier_day_does_not_count_today(server, tenants, fakes_reset):
+    tenant, _, secret = tenants.make(tier={"daily_budget_usd": "0.01", "monthly_budget_usd": "100"})
+    budget_hash = f"gw:{{t{tenant.pk}}}:lim"
+    chat(server, secret, model="gpt-4o-mini", content="first", max_tokens=10)
+    # Yesterday (as far as the counter knows) the tenant spent 100x today's cap, with alerts raised.
+    get_redis().hset(budget_hash, mapping={"d": 10**12, "d:p": "2000-01-01", "d:a": 100})
+    response = chat(server, secret, model="gpt-4o-mini", content="second", max_tokens=10)
+    assert response.http_response.status_code == 200
+    state = {k.decode(): v.decode() for k, v in get_redis().hgetall(budget_hash).items()}
+    assert state["d:p"] == datetime.now(UTC).strftime("%Y-%m-%d")
+    assert 0 < int(state["d"]) < 10**12 and state["d:a"] == "0"  # today counts from nothing
+    assert int(state["m"]) > int(state["d"])  # the month kept the first call's spend too
 
 
 def test_key_override_limits_only_that_key(server, tenants):
