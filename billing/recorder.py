@@ -11,13 +11,14 @@ import logging
 import orjson
 from django.conf import settings
 
-from llm_platform.redis import get_async_redis
+from llm_platform.resp import get_resp
 
 log = logging.getLogger(__name__)
 
 # Rows that could not reach Redis (outage) wait here and are re-sent with the next record.
 _pending: list[bytes] = []
 _PENDING_MAX = 100_000
+_resending = False
 
 
 def stream_name() -> str:
@@ -26,16 +27,15 @@ def stream_name() -> str:
 
 async def record(row: dict) -> None:
     payload = orjson.dumps(row, default=str)
-    client = get_async_redis()
     try:
         if _pending:
-            backlog = list(_pending)
-            async with client.pipeline(transaction=False) as pipe:
-                for item in backlog:
-                    pipe.xadd(stream_name(), {"row": item})
-                await pipe.execute()
-            del _pending[: len(backlog)]
-        await client.xadd(stream_name(), {"row": payload})
+            if _resending:  # another task is sending the backlog: queue behind it
+                _pending.append(payload)
+                return
+            await _resend()
+        (reply,) = await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True)
+        if isinstance(reply, Exception):
+            raise reply
     except Exception:
         if len(_pending) < _PENDING_MAX:
             _pending.append(payload)
@@ -44,18 +44,29 @@ async def record(row: dict) -> None:
 
 async def flush_pending() -> None:
     """Re-send rows kept in memory during a Redis outage (called periodically)."""
-    if not _pending:
+    if not _pending or _resending:
         return
-    backlog = list(_pending)
     try:
-        async with get_async_redis().pipeline(transaction=False) as pipe:
-            for item in backlog:
-                pipe.xadd(stream_name(), {"row": item})
-            await pipe.execute()
+        sent = await _resend()
     except Exception:
         return  # still away; next round
+    log.info("re-sent buffered usage rows", extra={"rows": sent})
+
+
+async def _resend() -> int:
+    """XADD the rows kept in memory, in one write; they leave memory only once Redis has them."""
+    global _resending
+    backlog = list(_pending)
+    _resending = True
+    try:
+        replies = await get_resp().execute_many([("XADD", stream_name(), "*", "row", item) for item in backlog])
+    finally:
+        _resending = False
+    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    if failed is not None:
+        raise failed  # all stay in memory; the writer drops the duplicates of those that got in
     del _pending[: len(backlog)]
-    log.info("re-sent buffered usage rows", extra={"rows": len(backlog)})
+    return len(backlog)
 
 
 def pending_count() -> int:

@@ -34,7 +34,7 @@ from django.conf import settings
 from llm_platform.redis import get_async_redis
 
 from .api.errors import GatewayError
-from .limits import _Script
+from .scripts import LuaScript
 
 log = logging.getLogger("gateway.idempotency")
 
@@ -45,8 +45,8 @@ POLL_FIRST_S, POLL_MAX_S = 0.025, 0.05  # how often a duplicate looks at a runni
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _NOT_KEPT = frozenset({b"content-type", b"content-length", b"x-request-id"})
 
-CLAIM = _Script("idempotency_claim.lua")
-SETTLE = _Script("idempotency_settle.lua")
+CLAIM = LuaScript("idempotency_claim.lua")
+SETTLE = LuaScript("idempotency_settle.lua")
 _settling: set[asyncio.Task] = set()
 
 
@@ -120,7 +120,7 @@ class Claim:
         self._beat: asyncio.Task | None = None
 
     async def _settle(self, op: str, ms: int = 0, record: bytes = b"") -> bool:
-        return bool(await SETTLE(get_async_redis(), [self.key], [self.value, op, ms, record]))
+        return bool(await SETTLE.run([self.key], [self.value, op, ms, record]))
 
     def keep_alive(self) -> None:
         async def beat() -> None:
@@ -169,7 +169,7 @@ async def claim(tenant_id: int, key: str, fp: str, request_id: str, stream: bool
     rkey = redis_key(tenant_id, key)
     value = orjson.dumps({"state": "running", "fp": fp, "rid": request_id, "stream": stream, "at": time.time()})
     try:
-        raw = await CLAIM(get_async_redis(), [rkey], [value, int(LEASE_SECONDS * 1000)])
+        raw = await CLAIM.run([rkey], [value, int(LEASE_SECONDS * 1000)])
     except (redis.exceptions.RedisError, OSError):
         raise _unavailable() from None
     if raw is None:

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from pathlib import Path
 
 import orjson
 from django.conf import settings
@@ -28,56 +27,13 @@ from tenants.principal import Principal
 
 from .api.errors import GatewayError
 from .routing import LaneSpec
+from .scripts import LuaScript, ScriptCall
 
-_LUA = Path(__file__).with_name("lua")
 NANO = Decimal(1_000_000_000)
 
 
-class _Script:
-    """A Lua script loaded once per client, called by SHA (re-loaded after a Redis restart)."""
-
-    def __init__(self, name: str) -> None:
-        self.source = (_LUA / name).read_text()
-        self._scripts: dict[int, object] = {}
-
-    def _for(self, client):
-        script = self._scripts.get(id(client))
-        if script is None:
-            script = self._scripts[id(client)] = client.register_script(self.source)
-        return script
-
-    def __call__(self, client, keys: list, args: list):
-        return self._for(client)(keys=keys, args=args)
-
-    def call(self, keys: list, args: list) -> ScriptCall:
-        return ScriptCall(self, keys, args)
-
-
-@dataclass(slots=True)
-class ScriptCall:
-    """One prepared script invocation; several run in a single pipeline (one round trip)."""
-
-    script: _Script
-    keys: list
-    args: list
-
-
-async def run_scripts(calls: list[ScriptCall]) -> list:
-    """Run prepared scripts in one round trip; results in order. Raises on a Redis failure."""
-    if not calls:
-        return []
-    client = get_async_redis()
-    if len(calls) == 1:
-        return [await calls[0].script(client, calls[0].keys, calls[0].args)]
-    async with client.pipeline(transaction=False) as pipe:
-        for call in calls:
-            script = call.script._for(client)
-            await script(keys=call.keys, args=call.args, client=pipe)
-        return await pipe.execute()
-
-
-ADMIT = _Script("admit.lua")
-SETTLE = _Script("settle.lua")
+ADMIT = LuaScript("admit.lua")
+SETTLE = LuaScript("settle.lua")
 
 
 def nano(amount: Decimal) -> int:

@@ -18,13 +18,13 @@ import redis.exceptions
 from django.conf import settings
 
 from .lane_policy import LanePolicy, policy_for
-from .limits import ScriptCall, _Script, run_scripts
 from .providers.base import UpstreamError
 from .routing import LaneSpec
+from .scripts import LuaScript, ScriptCall, run_scripts
 
 log = logging.getLogger("gateway.resilience")
-ACQUIRE = _Script("lane_acquire.lua")
-REPORT = _Script("lane_report.lua")
+ACQUIRE = LuaScript("lane_acquire.lua")
+REPORT = LuaScript("lane_report.lua")
 REASONS = {
     "held": "rate limited by the provider",
     "open": "circuit open",
@@ -192,7 +192,7 @@ async def report(ticket: Ticket, outcome: str, detail: str, hold_ms: int = 0) ->
 
 async def run_reports(calls: list[ScriptCall]) -> None:
     try:
-        await run_scripts(calls)
+        await run_scripts(calls, defer=True)
     except (redis.exceptions.RedisError, OSError):
         log.warning("could not report lane health", extra={"lanes": len(calls)})
 

@@ -30,6 +30,7 @@ from .api.errors import GatewayError
 from .lane_policy import policy_for
 from .providers.base import UpstreamError, get_provider
 from .routing import LaneSpec, Route, routes
+from .scripts import ScriptCall, run_scripts
 from .structured import complete_structured, schema_of
 from .tokens import count_messages, count_text
 from .types import ChatRequest, Chunk, Completion, Outcome, Usage
@@ -81,7 +82,7 @@ class ChatCall:
         self._last_error: UpstreamError | None = None
         self._earlier_usage: list[Usage] = []
         self._first_ticket: resilience.Ticket | resilience.Unavailable | None = None
-        self._reports: list[limits.ScriptCall] = []
+        self._reports: list[ScriptCall] = []
         self.schema = schema_of(req)
 
     def preflight(self) -> None:
@@ -131,7 +132,7 @@ class ChatCall:
         if resilience_enabled() and trusted is None:
             calls.append(resilience.acquire_call(self.route.lanes[0], tokens))
         try:
-            results = await limits.run_scripts(calls)
+            results = await run_scripts(calls)
         except (redis.exceptions.RedisError, OSError) as exc:
             results = [exc] * len(calls)
         if trusted is not None:
@@ -415,7 +416,7 @@ class ChatCall:
         if self.admission is not None:
             calls.append(limits.settle_call(self.admission, usage.total_tokens, cost, row))
         try:
-            await limits.run_scripts(calls)  # lane report(s) and settlement: one round trip
+            await run_scripts(calls, defer=True)  # lane report(s) and settlement: one round trip
         except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
             log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
             if self.admission is not None:

@@ -305,7 +305,32 @@ def client(server, tenant):
     return openai.OpenAI(base_url=server.base_url, api_key=tenant[2], max_retries=0, timeout=20)
 
 
-def drain_usage() -> int:
+def drain_usage(quiet_s: float = 0.1) -> int:
+    """Drain the usage, alert and breaker streams into PostgreSQL until they stay empty for
+    `quiet_s`: settlement runs just after the response is sent, and its write may wait up to
+    GW_REDIS_DEFER_MS to leave with another request's."""
     from billing.writer import drain_all
 
-    return drain_all("test-writer")
+    total, quiet_since = 0, time.monotonic()
+    while True:
+        moved = drain_all("test-writer")
+        total += moved
+        if moved:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return total
+        time.sleep(0.01)
+
+
+def usage_row(request_id: str, timeout: float = 5.0):
+    """The usage row of one request, once the writer has stored it."""
+    from billing.models import UsageRecord
+
+    deadline = time.monotonic() + timeout
+    while True:
+        drain_usage(quiet_s=0)
+        row = UsageRecord.objects.filter(request_id=request_id).first()
+        if row is not None or time.monotonic() > deadline:
+            assert row is not None, f"no usage row for {request_id} within {timeout} s"
+            return row
+        time.sleep(0.02)

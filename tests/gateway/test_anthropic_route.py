@@ -8,13 +8,12 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import drain_usage, schema
+from tests.conftest import schema, usage_row
 
 TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
 
 
 def test_text_answer_usage_and_cache_tokens_are_mapped(client, fake_anthropic, fakes_reset, committed_db):
-    from billing.models import UsageRecord
 
     raw = client.chat.completions.with_raw_response.create(
         model="claude-sonnet", max_tokens=64,
@@ -26,8 +25,7 @@ def test_text_answer_usage_and_cache_tokens_are_mapped(client, fake_anthropic, f
     sent = fake_anthropic.last_request.body
     assert sent["system"] == "be nice" and sent["max_tokens"] == 64 and sent["model"] == "claude-sonnet-4-5"
     assert completion.usage.prompt_tokens_details.cached_tokens == 7
-    drain_usage()
-    row = UsageRecord.objects.get(request_id=raw.headers["x-request-id"])
+    row = usage_row(raw.headers["x-request-id"])
     assert (row.cached_tokens, row.cache_creation_tokens) == (7, 3) and row.provider == "anthropic"
 
 

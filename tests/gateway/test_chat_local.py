@@ -5,7 +5,7 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from tests.conftest import drain_usage, schema
+from tests.conftest import drain_usage, schema, usage_row
 
 EXPECTED = "Hello from the built-in local model. You said: Hi there"
 
@@ -44,15 +44,13 @@ def test_models_list_names_the_local_model_as_built_in(client):
 
 
 def test_usage_row_is_written_for_a_call(client, committed_db):
-    from billing.models import UsageRecord
 
     raw = client.chat.completions.with_raw_response.create(
         model="local", messages=[{"role": "user", "content": "Hi there"}], user="end-user-7",
         extra_headers={"X-Feature": "search"},
     )
     request_id = raw.headers["x-request-id"]
-    drain_usage()
-    row = UsageRecord.objects.get(request_id=request_id)
+    row = usage_row(request_id)
     assert row.model == "local" and row.provider == "local"
     assert row.end_user == "end-user-7" and row.feature == "search"
     assert row.http_status == 200 and row.stream is False
@@ -62,7 +60,6 @@ def test_usage_row_is_written_for_a_call(client, committed_db):
 def test_prompts_and_answers_are_stored_only_when_the_tenant_opts_in(server, tenants, committed_db):
     import openai
 
-    from billing.models import UsageRecord
 
     ids = {}
     for store in (False, True):
@@ -70,8 +67,7 @@ def test_prompts_and_answers_are_stored_only_when_the_tenant_opts_in(server, ten
         client = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=0)
         raw = client.chat.completions.with_raw_response.create(model="local", messages=[{"role": "user", "content": "secret plan"}])
         ids[store] = raw.headers["x-request-id"]
-    drain_usage()
-    private, stored = (UsageRecord.objects.get(request_id=ids[flag]) for flag in (False, True))
+    private, stored = (usage_row(ids[flag]) for flag in (False, True))
     assert private.prompt is None and private.completion == ""
     assert stored.prompt == [{"role": "user", "content": "secret plan"}]
     assert stored.completion == "Hello from the built-in local model. You said: secret plan"

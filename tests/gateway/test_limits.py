@@ -62,13 +62,16 @@ def test_the_sdk_retry_succeeds_once_the_bucket_refills(server, tenants):
     assert seen[0] == 429 and seen[-1] == 200  # refused first, then the SDK's own retry got in
 
 
-def tokens_in_bucket(tenant_id: int, at_least: float) -> float:
-    """The bucket's level once settlement (which runs just after the response is sent) is done."""
+def settled_tokens(tenant_id: int, limit: int, used: int, since: float) -> tuple[float, float]:
+    """(bucket level, what it may have refilled) once settlement has brought the level to
+    `limit - used` (+ the refill since `since`), or when 3 s have passed; settlement runs just
+    after the response is sent."""
     deadline = time.monotonic() + 3
     while True:
         level = float(get_redis().hget(f"gw:{{t{tenant_id}}}:lim", "tpm"))
-        if level >= at_least or time.monotonic() > deadline:
-            return level
+        refill = (time.monotonic() - since) * limit / 60
+        if limit - used <= level <= limit - used + refill + 1 or time.monotonic() > deadline:
+            return level, refill
         time.sleep(0.02)
 
 
@@ -78,9 +81,8 @@ def test_reserved_tokens_are_refunded_to_what_was_used(server, tenants):
     response = chat(server, secret, max_tokens=1000)
     reserved_left = int(response.headers["x-ratelimit-remaining-tokens"])
     usage = response.parse().usage
-    level = tokens_in_bucket(tenant.pk, 3000 - usage.total_tokens)
-    refill = (time.monotonic() - before) * 3000 / 60
     assert reserved_left <= 3000 - 1000 - usage.prompt_tokens  # the reservation held max_tokens
+    level, refill = settled_tokens(tenant.pk, 3000, usage.total_tokens, before)
     assert 3000 - usage.total_tokens <= level <= 3000 - usage.total_tokens + refill + 1
 
 
@@ -91,8 +93,8 @@ def test_an_overshoot_is_charged_not_refused_after_the_fact(server, tenants, fak
     assert response.http_response.status_code == 200
     usage = response.parse().usage
     assert usage.prompt_tokens > 900  # the provider counted far more than we reserved
-    level = tokens_in_bucket(tenant.pk, 2000 - usage.total_tokens)
-    refill = (time.monotonic() - before) * 2000 / 60
+    assert int(response.headers["x-ratelimit-remaining-tokens"]) > 2000 - usage.total_tokens  # reserved less
+    level, refill = settled_tokens(tenant.pk, 2000, usage.total_tokens, before)
     assert 2000 - usage.total_tokens <= level <= 2000 - usage.total_tokens + refill + 1
 
 

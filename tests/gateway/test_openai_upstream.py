@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import drain_usage, schema
+from tests.conftest import drain_usage, schema, usage_row
 
 STREAM_SCHEMA = schema("openai.CreateChatCompletionStreamResponse")
 RESPONSE_SCHEMA = schema("openai.CreateChatCompletionResponse")
@@ -32,13 +32,6 @@ def sse_events(body: str) -> list[tuple[int | None, str]]:
         if data is not None:
             events.append((ident, data))
     return events
-
-
-def usage_row(request_id):
-    from billing.models import UsageRecord
-
-    drain_usage()
-    return UsageRecord.objects.get(request_id=request_id)
 
 
 def test_non_streaming_answer_params_and_cost(client, fake_openai, fakes_reset, committed_db):

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import Server, drain_usage
+from tests.conftest import Server, drain_usage, usage_row
 
 
 def sdk(server, secret, **kwargs):
@@ -27,14 +27,12 @@ def calls_to(fake, model: str) -> int:
 
 
 def test_a_5xx_is_retried_and_counted(server, tenant, fake_openai, fakes_reset, committed_db):
-    from billing.models import UsageRecord
 
     fake_openai.fault, fake_openai.fault_times = "500", 1
     response = ask(server, tenant[2], "gpt-4o-mini")
     assert response.http_response.status_code == 200 and response.headers["x-gateway-retries"] == "1"
     assert calls_to(fake_openai, "gpt-4o-mini") == 2
-    drain_usage()
-    assert UsageRecord.objects.get(request_id=response.headers["x-request-id"]).retries == 1
+    assert usage_row(response.headers["x-request-id"]).retries == 1
 
 
 @pytest.mark.parametrize("fault", ["400", "422"])
@@ -213,7 +211,6 @@ def test_resume_of_another_tenants_stream_is_404(server, tenants, fakes_reset):
 
 
 def test_invalid_structured_output_gets_one_repair_then_502(server, tenant, fake_openai, fakes_reset, committed_db):
-    from billing.models import UsageRecord
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
     with pytest.raises(openai.InternalServerError) as caught:
@@ -224,8 +221,7 @@ def test_invalid_structured_output_gets_one_repair_then_502(server, tenant, fake
     assert calls_to(fake_openai, "gpt-4o-mini") == 2
     repair = fake_openai.requests[-1].body["messages"]
     assert repair[-2]["role"] == "assistant" and "not valid JSON" in repair[-1]["content"]
-    drain_usage()
-    row = UsageRecord.objects.get(request_id=caught.value.response.headers["x-request-id"])
+    row = usage_row(caught.value.response.headers["x-request-id"])
     assert row.http_status == 502 and row.retries == 0 and row.prompt_tokens > 0
 
 

@@ -1,0 +1,54 @@
+"""The Lua scripts of the hot path, run through the lean Redis client (llm_platform/resp.py).
+
+Several prepared calls (admission and a lane check; settlement and lane reports) go out in one
+write and come back in one round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from llm_platform.resp import Script, get_resp
+
+_LUA = Path(__file__).with_name("lua")
+
+
+class LuaScript(Script):
+    """A script from gateway/lua/, called by SHA (loaded again when Redis says NOSCRIPT)."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str) -> None:
+        super().__init__((_LUA / name).read_text())
+
+    def call(self, keys: list, args: list) -> ScriptCall:
+        return ScriptCall(self, keys, args)
+
+    async def run(self, keys: list, args: list):
+        return await get_resp().evalsha(self, keys, args)
+
+
+class ScriptCall(NamedTuple):
+    """One prepared script invocation."""
+
+    script: Script
+    keys: list
+    args: list
+
+
+async def run_scripts(calls: list[ScriptCall], defer: bool = False) -> list:
+    """Run prepared scripts in one round trip; results in order. Raises on any Redis failure.
+
+    `defer` lets the write wait a moment (GW_REDIS_DEFER_MS) to go out with the next request's:
+    for work no client waits on."""
+    if not calls:
+        return []
+    client = get_resp()
+    if len(calls) == 1 and not defer:
+        return [await client.evalsha(*calls[0])]
+    results = await client.evalsha_many(calls, defer)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results

@@ -1,0 +1,555 @@
+"""The hot-path Redis client against a real Redis: replies, pipelining, scripts, failures.
+
+Every test runs on the standard asyncio loop and on uvloop (what the server runs). Servers that
+misbehave on purpose are small RESP stubs started in the test; everything else is real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+
+import hiredis
+import pytest
+import redis.exceptions as rx
+import uvloop
+from django.conf import settings
+from redis.asyncio.connection import parse_url
+
+from llm_platform.embedded import free_port
+from llm_platform.redis import get_redis
+from llm_platform.resp import RespClient, Script, get_resp
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+REDIS = parse_url(settings.REDIS_URL)
+OK = b"+OK\r\n"
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request):
+    def run(coro):
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            return runner.run(coro)
+    return run
+
+
+@pytest.fixture()
+def prefix():
+    """Keys of one test live under their own prefix and are deleted after it."""
+    prefix = f"test:resp:{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    keys = list(get_redis().scan_iter(prefix + "*", count=1000))
+    if keys:
+        get_redis().delete(*keys)
+
+
+class Stub:
+    """A server that speaks just enough RESP: `answer(command)` gives the reply, None for silence.
+
+    With `then_proxy`, connections after the first are piped to the real Redis.
+    """
+
+    def __init__(self, answer=lambda command: None, then_proxy: bool = False):
+        self.answer = answer
+        self.then_proxy = then_proxy
+        self.commands: list[list[bytes]] = []
+        self.connections = 0
+        self.hung_up = 0  # connections the client closed
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start_tcp(self) -> int:
+        port = free_port()
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        return port
+
+    async def start_unix(self, path: str) -> None:
+        self.server = await asyncio.start_unix_server(self._handle, path)
+
+    async def stop(self) -> None:
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.then_proxy and self.connections > 1:
+            return await self._proxy(reader, writer)
+        parser = hiredis.Reader()
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    self.commands.append(command)
+                    reply = self.answer(command)
+                    if reply is not None:
+                        writer.write(reply)
+        except ConnectionError:
+            pass
+        self.hung_up += 1
+        writer.close()
+
+    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(REDIS.get("host", "localhost"), REDIS.get("port", 6379))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def answer_select_only(command: list[bytes]) -> bytes | None:
+    return OK if command[0].upper() == b"SELECT" else None
+
+
+async def eventually(condition, within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+# replies
+
+
+def test_replies_come_back_as_hiredis_gives_them(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            assert await client.execute("SET", prefix + "s", "héllo") == b"OK"
+            assert await client.execute("GET", prefix + "s") == "héllo".encode()
+            assert await client.execute("GET", prefix + "missing") is None
+            assert await client.execute("INCRBY", prefix + "n", 41) == 41
+            assert await client.execute("RPUSH", prefix + "l", b"\x00\xff\r\n", 7, 0.5) == 3
+            assert await client.execute("LRANGE", prefix + "l", 0, -1) == [b"\x00\xff\r\n", b"7", b"0.5"]
+            assert await client.execute("PING") == b"PONG"
+        finally:
+            await client.aclose()
+
+    run(main())
+
+
+def test_execute_raises_an_error_reply_and_the_connection_goes_on(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("RPUSH", prefix + "l", "x")
+            with pytest.raises(rx.ResponseError, match="WRONGTYPE"):
+                await client.execute("INCR", prefix + "l")
+            assert await client.execute("LLEN", prefix + "l") == 1
+        finally:
+            await client.aclose()
+
+    run(main())
+
+
+def test_execute_many_returns_error_replies_in_place(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            return await client.execute_many([
+                ("SET", prefix + "k", 1), ("LPUSH", prefix + "k", "x"), ("INCR", prefix + "k"), ("GET", prefix + "none"),
+            ])
+        finally:
+            await client.aclose()
+
+    ok, error, incremented, missing = run(main())
+    assert ok == b"OK" and incremented == 2 and missing is None
+    assert isinstance(error, rx.ResponseError) and str(error).startswith("WRONGTYPE")
+
+
+def test_arguments_of_other_types_are_refused(run):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            with pytest.raises(rx.DataError):
+                await client.execute("SET", "k", True)
+            with pytest.raises(rx.DataError):
+                await client.execute("SET", "k", None)
+        finally:
+            await client.aclose()
+
+    run(main())
+
+
+# pipelining
+
+
+def test_two_hundred_concurrent_callers_each_get_their_own_replies(run, prefix):
+    async def one(client: RespClient, i: int):
+        added = await client.execute("INCRBY", f"{prefix}{i}", i)
+        read, length = await client.execute_many([("GET", f"{prefix}{i}"), ("STRLEN", f"{prefix}{i}")])
+        return added, read, length
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(200)))
+        finally:
+            await client.aclose()
+
+    assert run(main()) == [(i, str(i).encode(), len(str(i))) for i in range(200)]
+
+
+def test_commands_issued_together_share_one_write(monkeypatch):
+    """One write for the commands of one loop iteration (asyncio's transport can be watched,
+    uvloop's cannot; the code path is the same)."""
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("PING")
+            transport = client._conn._transport
+            writes: list[bytes] = []
+            real_write = transport.write
+
+            def write(data: bytes) -> None:
+                writes.append(data)
+                real_write(data)
+
+            monkeypatch.setattr(transport, "write", write)
+            replies = await asyncio.gather(*(client.execute("ECHO", i) for i in range(50)))
+            batched = list(writes)
+            writes.clear()
+            many = await client.execute_many([("ECHO", i) for i in range(10)])
+            return replies, batched, many, writes
+        finally:
+            await client.aclose()
+
+    replies, batched, many, writes = asyncio.run(main())
+    assert replies == [str(i).encode() for i in range(50)]
+    assert len(batched) == 1 and batched[0].count(b"ECHO") == 50
+    assert many == [str(i).encode() for i in range(10)] and len(writes) == 1
+
+
+def test_deferred_commands_go_first_in_the_next_write(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL, defer_s=30)  # only another request sends them
+        try:
+            deferred = asyncio.ensure_future(client.execute_many([("SET", f"{prefix}a", "1")], defer=True))
+            await client.execute("PING")  # connected; the deferred SET went out with it, first
+            await asyncio.sleep(0.05)
+            seen_alone = get_redis().get(f"{prefix}a")
+            late = asyncio.ensure_future(client.execute_many([("INCR", f"{prefix}a")], defer=True))
+            await asyncio.sleep(0.1)
+            waiting = get_redis().get(f"{prefix}a"), late.done()
+            after = await client.execute("GET", f"{prefix}a")  # rides with the INCR, after it
+            return await deferred, seen_alone, waiting, after, await late
+        finally:
+            await client.aclose()
+
+    done, seen_alone, waiting, after, late = run(main())
+    assert done == [b"OK"] and seen_alone == b"1"
+    assert waiting == (b"1", False)  # deferred: not written while nothing else goes out
+    assert after == b"2" and late == [2]
+
+
+def test_a_deferred_command_alone_goes_out_within_the_deferral(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL, defer_s=0.05)
+        try:
+            await client.execute("PING")
+            started = time.monotonic()
+            reply = await client.execute_many([("INCR", f"{prefix}b")], defer=True)
+            return reply, time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    reply, waited = run(main())
+    assert reply == [1] and 0.04 <= waited < 1.0
+
+
+def test_concurrent_first_callers_share_one_connect(run):
+    stub = Stub(lambda command: b"+PONG\r\n")
+
+    async def main():
+        port = await stub.start_tcp()
+        client = RespClient(f"redis://127.0.0.1:{port}")
+        try:
+            return await asyncio.gather(*(client.execute("PING") for _ in range(20)))
+        finally:
+            await client.aclose()
+            await stub.stop()
+
+    assert run(main()) == [b"PONG"] * 20
+    assert stub.connections == 1
+
+
+def test_a_cancelled_caller_does_not_shift_the_replies(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute_many([("SET", prefix + "a", "one"), ("SET", prefix + "b", "two")])
+            lost = asyncio.create_task(client.execute("GET", prefix + "a"))
+            lost_many = asyncio.create_task(client.execute_many([("GET", prefix + "a"), ("GET", prefix + "a")]))
+            await asyncio.sleep(0)  # both are sent and waiting for their replies
+            lost.cancel()
+            lost_many.cancel()
+            after = await client.execute("GET", prefix + "b")
+            return lost.cancelled(), lost_many.cancelled(), after, await client.execute("GET", prefix + "b")
+        finally:
+            await client.aclose()
+
+    assert run(main()) == (True, True, b"two", b"two")
+
+
+# scripts
+
+
+ECHO_LUA = "return {KEYS[1], KEYS[2], ARGV[1], string.format('%.17g', tonumber(ARGV[2])), ARGV[3]}"
+
+
+def test_evalsha_passes_keys_and_args_and_keeps_float_precision(run, prefix):
+    script = Script(ECHO_LUA)
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            return await client.evalsha(script, [prefix + "k1", prefix + "k2"], [10**19, 1 / 3, b"\x00raw"])
+        finally:
+            await client.aclose()
+
+    k1, k2, big, third, raw = run(main())
+    assert script.sha == get_redis().script_load(ECHO_LUA)  # the same SHA1 Redis computes
+    assert (k1, k2, big, raw) == ((prefix + "k1").encode(), (prefix + "k2").encode(), b"10000000000000000000", b"\x00raw")
+    assert float(third) == 1 / 3  # Lua read back the exact double
+
+
+def test_evalsha_raises_the_scripts_error(run):
+    script = Script("return redis.error_reply('LIMIT refused')")
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            with pytest.raises(rx.ResponseError, match="LIMIT refused"):
+                await client.evalsha(script, [], [])
+        finally:
+            await client.aclose()
+
+    run(main())
+
+
+def test_scripts_are_loaded_again_after_script_flush(run, prefix):
+    marker = uuid.uuid4().hex  # a script Redis has never seen
+    counter = Script(f"-- {marker}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])")
+    echo = Script(f"-- {marker}\nreturn ARGV[1]")
+    failing = Script(f"-- {marker}\nreturn redis.error_reply('nope')")
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            first = await client.evalsha(counter, [prefix + "n"], [1])  # NOSCRIPT: loaded on demand
+            get_redis().script_flush()
+            second = await client.evalsha(counter, [prefix + "n"], [10])
+            get_redis().script_flush()
+            many = await client.evalsha_many([
+                (counter, [prefix + "n"], [100]), (echo, [], ["e"]), (failing, [], []), (counter, [prefix + "n"], [1000]),
+            ])
+            return first, second, many
+        finally:
+            await client.aclose()
+
+    first, second, (a, b, error, c) = run(main())
+    assert (first, second, a, b, c) == (1, 11, 111, b"e", 1111)
+    assert isinstance(error, rx.ResponseError) and "nope" in str(error)
+    assert get_redis().script_exists(counter.sha, echo.sha, failing.sha) == [True, True, True]
+
+
+def test_a_script_that_does_not_compile_reports_the_compile_error(run):
+    broken = Script(f"-- {uuid.uuid4().hex}\nreturn (")
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            with pytest.raises(rx.ResponseError) as raised:
+                await client.evalsha(broken, [], [])
+            many = await client.evalsha_many([(broken, [], []), (Script("return 7"), [], [])])
+            return str(raised.value), many
+        finally:
+            await client.aclose()
+
+    message, (error, seven) = run(main())
+    assert "NOSCRIPT" not in message and "Error compiling script" in message
+    assert isinstance(error, rx.ResponseError) and "Error compiling script" in str(error) and seven == 7
+
+
+# connecting
+
+
+def test_the_db_in_the_url_is_selected(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            await client.execute("SET", prefix + "where", "here")
+            return await client.execute("CLIENT", "INFO")
+        finally:
+            await client.aclose()
+
+    info = run(main())
+    assert f" db={REDIS.get('db', 0)} ".encode() in info
+    assert get_redis().get(prefix + "where") == b"here"  # redis-py reads the same db
+
+
+def test_credentials_and_db_are_sent_on_connect_over_a_unix_socket(run):
+    stub = Stub(lambda command: OK)
+
+    async def main():
+        with tempfile.TemporaryDirectory(prefix="resp") as folder:
+            await stub.start_unix(f"{folder}/redis.sock")
+            client = RespClient(f"unix://alice:s%40cret@{folder}/redis.sock?db=3")
+            try:
+                return await client.execute("PING")
+            finally:
+                await client.aclose()
+                await stub.stop()
+
+    assert run(main()) == b"OK"
+    assert stub.commands == [[b"AUTH", b"alice", b"s@cret"], [b"SELECT", b"3"], [b"PING"]]
+
+
+def test_a_refused_auth_raises_authentication_error_without_the_password(run):
+    stub = Stub(lambda command: b"-WRONGPASS invalid username-password pair\r\n" if command[0] == b"AUTH" else OK)
+
+    async def main():
+        port = await stub.start_tcp()
+        client = RespClient(f"redis://:hunter2@127.0.0.1:{port}/2")
+        try:
+            with pytest.raises(rx.AuthenticationError) as raised:
+                await client.execute("PING")
+            return raised.value
+        finally:
+            await client.aclose()
+            await stub.stop()
+
+    error = run(main())
+    assert "WRONGPASS" in str(error) and "hunter2" not in str(error)
+    assert stub.commands[:2] == [[b"AUTH", b"hunter2"], [b"SELECT", b"2"]]
+
+
+def test_a_connect_to_a_closed_port_fails_fast_and_keeps_the_password_out(run):
+    port = free_port()  # nothing listens there
+
+    async def main():
+        client = RespClient(f"redis://user:hunter2@127.0.0.1:{port}/0", timeout=2.0)
+        errors = []
+        for _ in range(2):  # the second call tries again, and fails the same way
+            started = time.monotonic()
+            with pytest.raises(rx.ConnectionError) as raised:
+                await client.execute("PING")
+            errors.append((time.monotonic() - started, raised.value))
+        return errors
+
+    for took, error in run(main()):
+        assert took < 1.0
+        assert f"127.0.0.1:{port}" in str(error) and "hunter2" not in str(error) + repr(error)
+
+
+def test_a_server_that_never_answers_the_handshake_times_out_the_connect(run):
+    stub = Stub()  # reads, never answers
+
+    async def main():
+        port = await stub.start_tcp()
+        client = RespClient(f"redis://127.0.0.1:{port}/8", timeout=0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(rx.TimeoutError):
+                await client.execute("PING")
+            return time.monotonic() - started
+        finally:
+            await client.aclose()
+            await stub.stop()
+
+    assert 0.3 <= run(main()) < 1.3
+
+
+# failures and recovery
+
+
+def test_a_redis_that_stops_answering_times_out_every_pending_call_then_reconnects(run, prefix):
+    stub = Stub(answer_select_only, then_proxy=True)  # the first connection goes silent after SELECT
+    db = REDIS.get("db", 0)
+
+    async def main():
+        port = await stub.start_tcp()
+        client = RespClient(f"redis://127.0.0.1:{port}/{db}", timeout=0.4)
+        try:
+            started = time.monotonic()
+            async with asyncio.timeout(5):  # without the watchdog they would wait forever
+                outcomes = await asyncio.gather(
+                    client.execute("GET", prefix + "a"),
+                    client.execute("GET", prefix + "b"),
+                    client.execute_many([("GET", prefix + "c"), ("GET", prefix + "d")]),
+                    client.evalsha(Script("return 1"), [], []),
+                    return_exceptions=True)
+            took = time.monotonic() - started
+            closed = await eventually(lambda: stub.hung_up == 1)  # the client dropped the connection
+            again = await client.execute("SET", prefix + "back", "yes")  # a new connection, proxied
+            return outcomes, took, closed, again
+        finally:
+            await client.aclose()
+            await stub.stop()
+
+    outcomes, took, closed, again = run(main())
+    assert all(isinstance(outcome, rx.TimeoutError) for outcome in outcomes), outcomes
+    assert 0.4 <= took < 1.4
+    assert closed and again == b"OK" and stub.connections == 2
+    assert get_redis().get(prefix + "back") == b"yes"  # and the new connection selected the db
+
+
+def test_calls_in_flight_when_the_connection_dies_fail_with_connection_error(run, prefix):
+    async def main():
+        client, killer = RespClient(settings.REDIS_URL), RespClient(settings.REDIS_URL)
+        try:
+            own_id = await client.execute("CLIENT", "ID")
+            blocked = asyncio.create_task(client.execute("BLPOP", prefix + "empty", 5))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            assert await killer.execute("CLIENT", "KILL", "ID", own_id) == 1
+            with pytest.raises(rx.ConnectionError):
+                await blocked
+            took = time.monotonic() - started
+            return own_id, took, await client.execute("CLIENT", "ID")
+        finally:
+            await client.aclose()
+            await killer.aclose()
+
+    old_id, took, new_id = run(main())
+    assert took < 1.0 and new_id != old_id
+
+
+def test_a_connection_killed_server_side_is_replaced_by_the_next_call(run, prefix):
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            old_id = await client.execute("CLIENT", "ID")
+            get_redis().client_kill_filter(_id=old_id)
+            await asyncio.sleep(0.05)  # the loop sees the hang-up
+            new_id = await client.execute("CLIENT", "ID")
+            await client.execute("SET", prefix + "k", "after")
+            return old_id, new_id
+        finally:
+            await client.aclose()
+
+    old_id, new_id = run(main())
+    assert new_id != old_id
+    assert get_redis().get(prefix + "k") == b"after"
+
+
+def test_get_resp_gives_one_client_per_event_loop(run, prefix):
+    async def main():
+        client = get_resp()
+        assert get_resp() is client
+        await client.execute("INCR", prefix + "n")
+        await client.aclose()
+        return client
+
+    first, second = run(main()), run(main())
+    assert first is not second
+    assert get_redis().get(prefix + "n") == b"2"
