@@ -22,12 +22,12 @@ from decimal import ROUND_CEILING, Decimal
 import orjson
 from django.conf import settings
 
-from llm_platform.redis import get_async_redis
+from llm_platform.resp import get_resp
 from tenants.principal import Principal
 
 from .api.errors import GatewayError
 from .routing import LaneSpec
-from .scripts import LuaScript, ScriptCall
+from .scripts import LuaScript, ScriptCall, Template
 
 NANO = Decimal(1_000_000_000)
 
@@ -149,12 +149,17 @@ def _refusal(limit: Limit, retry_ms: int, headers: dict) -> GatewayError:
         headers={**headers, "Retry-After": retry})
 
 
+# What fills a script template's gaps, per request.
+_RID, _TOKENS, _ESTIMATE, _DAY_LEFT, _MONTH_LEFT, _REFUND, _DELTA, _ROW = range(8)
+
+
 @dataclass(slots=True)
 class _Plan:
-    """A principal's scopes and admission arguments, built once (the principal is immutable).
+    """A principal's scopes and both scripts' calls, packed once (the principal is immutable).
 
-    `args` is the admission script's argument list with placeholders that each request fills
-    in: its id, its token cost, its estimated spend and the seconds left in each budget period.
+    Each request only packs the few values of its own: its id, token cost, estimated spend and
+    the seconds left in each budget period (admission); the refund, the spend correction and the
+    usage row (settlement).
     """
 
     principal: Principal  # held so that id() stays this principal's while cached
@@ -162,12 +167,23 @@ class _Plan:
     scopes: list[Scope]
     ordered: list[Limit]  # every limit in the script's refusal-index order
     buckets: list[Limit]  # in the order the script reports remaining/reset
-    keys: list[str]
-    args: list
-    token_costs: list[int]  # positions in args
-    estimates: list[int]
-    seconds_left: list[tuple[int, int]]  # (position, 0 = day / 1 = month)
     token_capacity: int | None  # the smallest tokens-per-minute bucket
+    slot_keys: list[str]
+    admit: Template | None = None
+    admit_gaps: list[int] = field(default_factory=list)
+    settle: Template | None = None
+    settle_gaps: list[int] = field(default_factory=list)
+
+
+def _template(script: LuaScript, keys: list[str], spec: list) -> tuple[Template, list[int]]:
+    """`spec` holds fixed arguments and gap markers (`_Gap`); the template and the gaps' kinds."""
+    holes = [i for i, arg in enumerate(spec) if isinstance(arg, _Gap)]
+    return script.template(keys, spec, holes), [spec[i].kind for i in holes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Gap:
+    kind: int
 
 
 _plans: dict[int, _Plan] = {}
@@ -180,25 +196,32 @@ def _plan_for(principal: Principal) -> _Plan:
         return plan
     scopes = _scopes_for(principal)
     ordered, buckets, keys = [], [], []
-    args: list = [len(scopes), "", int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)]
-    token_costs, estimates, seconds_left = [], [], []
+    admit: list = [len(scopes), _Gap(_RID), int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)]
+    settle: list = [len(scopes), _Gap(_RID), principal.tenant_id]
     for scope in scopes:
         keys += (scope.hash_key, scope.slot_key)
-        args += (len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
+        admit += (len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
+        tokens = [b for b in scope.buckets if b.header == "tokens"]
+        settle += (len(tokens), 1 if scope.slot_limit else 0, len(scope.budgets), scope.ttl_ms, scope.label)
         for bucket in scope.buckets:
-            if bucket.header == "tokens":
-                token_costs.append(len(args) + 3)
-            args += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), 1)
+            cost = _Gap(_TOKENS) if bucket.header == "tokens" else 1
+            admit += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), cost)
+        for bucket in tokens:
+            settle += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), _Gap(_REFUND))
         for budget in scope.budgets:
-            estimates.append(len(args) + 3)
-            seconds_left.append((len(args) + 4, 0 if budget.field == "d" else 1))
-            args += (budget.field, budget.period, budget.limit, 0, 0)
+            left = _Gap(_DAY_LEFT if budget.field == "d" else _MONTH_LEFT)
+            admit += (budget.field, budget.period, budget.limit, _Gap(_ESTIMATE), left)
+            settle += (budget.field, budget.period, budget.limit, _Gap(_DELTA))
         ordered += scope.buckets + ([Limit("slots", "", "concurrent requests", scope.label, scope.slot_limit)]
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
+    settle.append(_Gap(_ROW))
     capacities = [b.limit for b in buckets if b.header == "tokens"]
-    plan = _Plan(principal, day, scopes, ordered, buckets, keys, args, token_costs, estimates, seconds_left,
-                 min(capacities) if capacities else None)
+    plan = _Plan(principal, day, scopes, ordered, buckets, min(capacities) if capacities else None,
+                 [scope.slot_key for scope in scopes if scope.slot_limit])
+    if scopes:
+        plan.admit, plan.admit_gaps = _template(ADMIT, keys, admit)
+        plan.settle, plan.settle_gaps = _template(SETTLE, [*keys, usage_stream(), alert_stream()], settle)
     if len(_plans) > 10_000:
         _plans.clear()
     _plans[id(principal)] = plan
@@ -216,30 +239,22 @@ class Admission:
 
     @property
     def slot_keys(self) -> list[str]:
-        return [scope.slot_key for scope in self.plan.scopes if scope.slot_limit]
+        return self.plan.slot_keys
 
 
 def prepare_admission(principal: Principal, request_id: str, tokens: int, estimate: int) -> tuple[Admission, ScriptCall | None]:
     """The admission script call for this request (None when the principal has no limits)."""
     plan = _plan_for(principal)
     admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
-    if not plan.scopes:
+    if plan.admit is None:
         return admission, None
     if plan.token_capacity is not None and tokens > plan.token_capacity:
         raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {plan.token_capacity} tokens "
                                 "per minute; lower max_tokens or shorten the prompt.",
                            code="request_exceeds_limit", param="max_tokens")
-    args = plan.args.copy()
-    args[1] = request_id
-    for i in plan.token_costs:
-        args[i] = tokens
-    for i in plan.estimates:
-        args[i] = estimate
-    if plan.seconds_left:
-        periods = _current_periods()
-        for i, which in plan.seconds_left:
-            args[i] = periods[which][1]
-    return admission, ADMIT.call(plan.keys, args)
+    (_, day_left), (_, month_left) = _current_periods()
+    values = (request_id, tokens, estimate, day_left, month_left)
+    return admission, ScriptCall(ADMIT, plan.admit.fill([values[kind] for kind in plan.admit_gaps]))
 
 
 def finish_admission(admission: Admission, result) -> Admission:
@@ -285,26 +300,18 @@ def settle_call(admission: Admission, used_tokens: int, cost: Decimal, row: dict
     plan = admission.plan
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
-    args: list = [len(plan.scopes), admission.request_id, admission.tenant_id]
-    for scope in plan.scopes:
-        tokens = [b for b in scope.buckets if b.header == "tokens"]
-        args += (len(tokens), 1 if scope.slot_limit else 0, len(scope.budgets), scope.ttl_ms, scope.label)
-        for bucket in tokens:
-            args += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), refund)
-        for budget in scope.budgets:
-            args += (budget.field, budget.period, budget.limit, delta)
-    args.append(orjson.dumps(row, default=str))
-    return SETTLE.call([*plan.keys, usage_stream(), alert_stream()], args)
+    values = {_RID: admission.request_id, _REFUND: refund, _DELTA: delta, _ROW: orjson.dumps(row, default=str)}
+    return ScriptCall(SETTLE, plan.settle.fill([values[kind] for kind in plan.settle_gaps]))
 
 
-async def refresh_slots(admission: Admission) -> None:
-    """Keep a long call's concurrency slot alive (slots expire so dead workers free them)."""
-    keys = admission.slot_keys
-    if not keys:
-        return
-    expiry = time.time() * 1000 + settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000
-    client = get_async_redis()
-    async with client.pipeline(transaction=False) as pipe:
-        for key in keys:
-            pipe.zadd(key, {admission.request_id: expiry}, xx=True)
-        await pipe.execute()
+async def refresh_slots(admissions: list[Admission]) -> None:
+    """Keep long calls' concurrency slots alive (slots expire so dead workers free them)."""
+    ttl_ms = int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)
+    expiry = int(time.time() * 1000) + ttl_ms
+    commands = []
+    for admission in admissions:
+        for key in admission.slot_keys:
+            commands += (("ZADD", key, "XX", expiry, admission.request_id), ("PEXPIRE", key, ttl_ms + 60_000))
+    for reply in await get_resp().execute_many(commands):
+        if isinstance(reply, Exception):
+            raise reply

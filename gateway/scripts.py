@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from llm_platform.resp import Script, get_resp
+from llm_platform.resp import Script, Template, get_resp
+
+__all__ = ["LuaScript", "ScriptCall", "Template", "run_scripts"]
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -23,18 +25,17 @@ class LuaScript(Script):
         super().__init__((_LUA / name).read_text())
 
     def call(self, keys: list, args: list) -> ScriptCall:
-        return ScriptCall(self, keys, args)
+        return ScriptCall(self, self.pack(keys, args))
 
     async def run(self, keys: list, args: list):
         return await get_resp().evalsha(self, keys, args)
 
 
 class ScriptCall(NamedTuple):
-    """One prepared script invocation."""
+    """One prepared script invocation, packed (`LuaScript.call`, or a template's `fill`)."""
 
     script: Script
-    keys: list
-    args: list
+    data: bytes
 
 
 async def run_scripts(calls: list[ScriptCall], defer: bool = False) -> list:
@@ -44,10 +45,7 @@ async def run_scripts(calls: list[ScriptCall], defer: bool = False) -> list:
     for work no client waits on."""
     if not calls:
         return []
-    client = get_resp()
-    if len(calls) == 1 and not defer:
-        return [await client.evalsha(*calls[0])]
-    results = await client.evalsha_many(calls, defer)
+    results = await get_resp().evalsha_packed(calls, defer)
     for result in results:
         if isinstance(result, Exception):
             raise result

@@ -431,15 +431,15 @@ async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
     call = ChatCall(principal, req, route, ctx)
     call.preflight()
     await call.admit()  # a refusal here raises before anything is charged or recorded
-    heartbeat = _keep_slots(call.admission)
+    holds_slots = _hold_slots(call.admission)
     try:
         yield call
     except BaseException as exc:
         call.fail(exc)
         raise
     finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
+        if holds_slots:
+            _held.pop(call.admission.request_id, None)
         # Settle in its own task: a cancelled request (client gone) cannot interrupt it.
         await asyncio.shield(_background(call.settle()))  # if we are cancelled here, it still finishes
 
@@ -461,20 +461,30 @@ def _timeout(ticket) -> UpstreamError:
                          code="upstream_timeout", retryable=True)
 
 
-def _keep_slots(admission: limits.Admission | None) -> asyncio.Task | None:
+# Admissions in flight that hold concurrency slots. Slots expire (so a killed worker's free
+# themselves); one heartbeat per process keeps the live ones alive, in one write per beat.
+_held: dict[str, limits.Admission] = {}
+_heartbeat: asyncio.Task | None = None
+
+
+def _hold_slots(admission: limits.Admission | None) -> bool:
+    global _heartbeat
     if admission is None or not admission.slot_keys:
-        return None
+        return False
+    _held[admission.request_id] = admission
+    if _heartbeat is None or _heartbeat.done():
+        _heartbeat = asyncio.ensure_future(_beat())
+    return True
+
+
+async def _beat() -> None:
     period = settings.GATEWAY["SLOT_TTL_SECONDS"] / 3
-
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await limits.refresh_slots(admission)
-            except Exception:  # Redis blip: the next beat retries; the slot may expire meanwhile
-                log.warning("could not refresh a concurrency slot", extra={"request_id": admission.request_id})
-
-    return asyncio.ensure_future(beat())
+    while _held:
+        await asyncio.sleep(period)
+        try:
+            await limits.refresh_slots(list(_held.values()))
+        except (redis.exceptions.RedisError, OSError):  # the next beat retries; a slot may expire meanwhile
+            log.warning("could not refresh concurrency slots", extra={"calls": len(_held)})
 
 
 async def drain_settling(wait_seconds: float = 10.0) -> None:

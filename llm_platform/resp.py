@@ -81,13 +81,50 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + _CRLF
 
-    def _pack(self, keys: list, args: list) -> bytes:
+    def pack(self, keys: list, args: list) -> bytes:
+        """The EVALSHA command in RESP, for `evalsha_packed`."""
         out = [b"*%d\r\n" % (3 + len(keys) + len(args)), self._head]
         _pack_into(out, (len(keys), *keys, *args))
         return b"".join(out)
 
+    def template(self, keys: list, args: list, holes: list[int]) -> Template:
+        """A call whose arguments are fixed but those at `holes`: packed once, filled per call."""
+        return Template(self, keys, args, holes)
+
     def __repr__(self) -> str:
         return f"Script({self.sha})"
+
+
+class Template:
+    """An EVALSHA packed once with gaps: `fill(values)` packs only the values of the gaps."""
+
+    __slots__ = ("script", "_pieces")
+
+    def __init__(self, script: Script, keys: list, args: list, holes: list[int]):
+        out = [b"*%d\r\n" % (3 + len(keys) + len(args)), script._head]
+        _pack_into(out, (len(keys), *keys))
+        gaps = set(holes)
+        pieces: list[bytes | None] = []
+        for i, arg in enumerate(args):
+            if i in gaps:
+                pieces += (b"".join(out), None)
+                out = []
+            else:
+                _pack_into(out, (arg,))
+        pieces.append(b"".join(out))
+        self.script = script
+        self._pieces = pieces
+
+    def fill(self, values) -> bytes:
+        """The command with `values` in the gaps, in order."""
+        out: list[bytes] = []
+        filling = iter(values)
+        for piece in self._pieces:
+            if piece is None:
+                _pack_into(out, (next(filling),))
+            else:
+                out.append(piece)
+        return b"".join(out)
 
 
 def _is_noscript(reply) -> bool:
@@ -307,32 +344,28 @@ class RespClient:
         return await self._send_many([_pack(command) for command in commands], defer)
 
     async def evalsha(self, script: Script, keys: list, args: list):
-        conn = self._conn or await self._connect()
-        data = script._pack(keys, args)
-        reply = await conn.request(data)
+        """Run one script; raise its error reply."""
+        (reply,) = await self.evalsha_packed([(script, script.pack(keys, args))])
         if isinstance(reply, ResponseError):
-            if _is_noscript(reply):
-                loaded, reply = await self._send_many([_pack(("SCRIPT", "LOAD", script.source)), data])
-                if isinstance(loaded, ResponseError):
-                    raise loaded
-                if isinstance(reply, ResponseError):
-                    raise reply
-                return reply
             raise reply
         return reply
 
     async def evalsha_many(self, calls: list[tuple[Script, list, list]], defer: bool = False) -> list:
-        """Run the scripts in one write; error replies come back in place, not raised.
+        """Run the scripts in one write; error replies come back in place, not raised."""
+        return await self.evalsha_packed([(script, script.pack(keys, args)) for script, keys, args in calls], defer)
+
+    async def evalsha_packed(self, calls: list[tuple[Script, bytes]], defer: bool = False) -> list:
+        """Run packed script calls (`Script.pack`, `Template.fill`) in one write; error replies
+        come back in place, not raised.
 
         `defer`: the write may wait up to `defer_s` for another request to share it (work no
         client waits for: settlement, usage rows, lane reports).
-
         Calls answered NOSCRIPT are retried once after loading their scripts, so they run after
         the others in the batch.
         """
         if not calls:
             return []
-        datas = [script._pack(keys, args) for script, keys, args in calls]
+        datas = [data for _, data in calls]
         replies = await self._send_many(datas, defer)
         missing = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
         if missing:
@@ -360,6 +393,8 @@ class RespClient:
 
     async def _send_many(self, datas: list[bytes], defer: bool = False) -> list:
         conn = self._conn or await self._connect()
+        if len(datas) == 1:
+            return [await conn.request(datas[0], defer)]
         return await conn.request_many(datas, defer)
 
     async def _connect(self) -> _Connection:

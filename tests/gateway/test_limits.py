@@ -125,12 +125,12 @@ def test_trimming_drops_the_oldest_turns_and_says_how_many(server, tenant):
     assert response.parse().choices[0].message.content.startswith("Hello from")
 
 
-def slow_stream(url: str, secret: str, hang_up_after: int | None = None):
+def slow_stream(url: str, secret: str, hang_up_after: int | None = None, length: int = 8):
     """Start a slow local stream; returns (request id, SSE text read)."""
     async def run():
         async with aiohttp.ClientSession() as session:
             response = await session.post(f"{url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
-                                          json={"model": "local-slow", "stream": True, "messages": [{"role": "user", "content": "a long answer " * 8}]})
+                                          json={"model": "local-slow", "stream": True, "messages": [{"role": "user", "content": "a long answer " * length}]})
             events = 0
             async for line in response.content:
                 events += line.startswith(b"data: ")
@@ -192,6 +192,28 @@ def test_slot_of_a_killed_worker_expires_by_itself(routes, server, tenants):
         chat(server, secret)
     time.sleep(1.6)
     assert chat(server, secret).http_response.status_code == 200
+
+
+def test_a_call_that_outlives_the_slot_ttl_keeps_its_slot(routes, tenants):
+    tenant, _, secret = tenants.make(tier={"max_concurrent": 1})
+    brief = Server({"GW_SLOT_TTL_SECONDS": "0.6"})  # the heartbeat renews every 0.2 s
+
+    async def scenario():
+        started = time.monotonic()
+        stream = asyncio.ensure_future(slow_stream(brief.base_url, secret, length=40))
+        await asyncio.sleep(1.5)  # 2.5 TTLs into the call
+        held = get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc")
+        (second, _), = await post_many([(brief.base_url, secret)], {"model": "local", "messages": [{"role": "user", "content": "x"}]})
+        first, _ = await stream
+        return held, second, first, time.monotonic() - started
+
+    try:
+        held, second, first, took = asyncio.run(scenario())
+    finally:
+        brief.stop()
+    assert took > 1.6, "the slow call ended too soon to prove anything"
+    assert held == 1 and second == 429 and first == 200
+    assert get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc") == 0
 
 
 def test_two_processes_admit_exactly_the_limit_out_of_a_burst(routes, server, tenants):
