@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -56,6 +57,7 @@ class Result:
     samples: list[str] = field(default_factory=list)  # first few bad answers, for diagnosis
     cpu: float | None = None  # CPU seconds of the target process inside the window
     core_other: float | None = None  # platform core busy time not spent by the platform
+    redis_cpu: float | None = None  # Redis's CPU seconds inside the window (every client's work)
 
     @property
     def rps(self) -> float:
@@ -189,9 +191,14 @@ async def run_phase(target: Target, stream: bool, concurrency: int, warmup: floa
     return result
 
 
-def _mark(pid: int | None, platform_cpu: int | None) -> tuple[float, float | None, float | None]:
+# Set by the harness: Redis's own CPU seconds so far (INFO cpu), read at each slice's edges.
+redis_cpu_seconds: Callable[[], float | None] | None = None
+
+
+def _mark(pid: int | None, platform_cpu: int | None) -> tuple[float, float | None, float | None, float | None]:
     return (time.perf_counter(), cpu_seconds(pid) if pid else None,
-            core_busy_seconds(platform_cpu) if platform_cpu is not None else None)
+            core_busy_seconds(platform_cpu) if platform_cpu is not None else None,
+            redis_cpu_seconds() if redis_cpu_seconds is not None else None)
 
 
 async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, concurrency: int,
@@ -228,6 +235,8 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
         result.cpu = (result.cpu or 0.0) + cpu
         if begin[2] is not None and end[2] is not None:
             result.core_other = (result.core_other or 0.0) + max(0.0, end[2] - begin[2] - cpu)
+    if begin[3] is not None and end[3] is not None:
+        result.redis_cpu = (result.redis_cpu or 0.0) + end[3] - begin[3]
 
 
 async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,
@@ -292,4 +301,6 @@ def merge(parts: list[Result]) -> Result:
             out.cpu = (out.cpu or 0.0) + r.cpu
         if r.core_other is not None:
             out.core_other = (out.core_other or 0.0) + r.core_other
+        if r.redis_cpu is not None:
+            out.redis_cpu = (out.redis_cpu or 0.0) + r.redis_cpu
     return out

@@ -29,6 +29,12 @@ def cpu_per_req(r: Result) -> float | None:
     return r.cpu * 1000 / r.ok if r.cpu is not None and r.ok else None
 
 
+def redis_us_per_req(r: Result) -> float | None:
+    """Redis CPU (every client's work during the window: the platform's scripts, the usage
+    writer's reads) per answer, in microseconds."""
+    return r.redis_cpu * 1e6 / r.ok if r.redis_cpu is not None and r.ok else None
+
+
 def core_other(r: Result) -> str:
     return f"{r.core_other / r.elapsed:.0%}" if r.core_other is not None and r.elapsed else "-"
 

@@ -39,6 +39,7 @@ from bench._report import (  # noqa: E402
     p50,
     p99,
     print_problems,
+    redis_us_per_req,
     table,
     verdict,
     warn_busy,
@@ -91,7 +92,7 @@ def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, i
     merged = {cell: {side: merge(runs[side, *cell]) for side in SIDES} for cell in cells}
     columns = [("mode", 10), ("c", 3), ("p50 on", 7), ("p50 off", 7), ("Δp50", 6), ("Δp50 by round", 27),
                ("p99 on", 7), ("p99 off", 7), ("req/s on", 8), ("req/s off", 9), ("on/off", 6),
-               ("CPU ms/req on", 13), ("off", 5), ("core0 other on/off", 18)]
+               ("CPU ms/req on", 13), ("off", 5), ("Redis µs/req on/off", 19), ("core0 other on/off", 18)]
     rows = []
     for cell in cells:
         on, off = merged[cell]["on"], merged[cell]["off"]
@@ -100,7 +101,8 @@ def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, i
             mode(cell[0]), str(cell[1]), fmt(p50(on), 2), fmt(p50(off), 2), f"{p50(on) - p50(off):+.2f}",
             " ".join(f"{d:+.2f}" for d in by_round), fmt(p99(on), 2), fmt(p99(off), 2),
             fmt(on.rps, 0), fmt(off.rps, 0), fmt(on.rps / off.rps, 2) if off.rps else "-",
-            fmt(cpu_per_req(on), 2), fmt(cpu_per_req(off), 2), f"{core_other(on)} / {core_other(off)}",
+            fmt(cpu_per_req(on), 2), fmt(cpu_per_req(off), 2),
+            f"{fmt(redis_us_per_req(on), 0)} / {fmt(redis_us_per_req(off), 0)}", f"{core_other(on)} / {core_other(off)}",
         ])
     table(columns, rows)
     print("(latencies in ms; Δ = on - off; req/s for streams = complete 20-chunk streams per second)")
