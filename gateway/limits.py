@@ -104,14 +104,24 @@ _BUCKETS = (("requests_per_minute", "rpm", "requests per minute", 60_000, "reque
 _BUDGETS = (("daily_budget_usd", "d", "daily budget", 0), ("monthly_budget_usd", "m", "monthly budget", 1))
 
 
+def scope_prefix(tenant_id: int, key_id: int | None = None) -> str:
+    """Where a scope's limits live: `<prefix>:lim` (buckets, spend) and `<prefix>:conc` (slots)."""
+    return f"gw:{{t{tenant_id}}}" if key_id is None else f"gw:{{t{tenant_id}}}:k{key_id}"
+
+
+def budget_ttl_ms(month_seconds_left: int) -> int:
+    """A scope hash with budgets outlives its month by a day."""
+    return (month_seconds_left + 86400) * 1000
+
+
 def _scopes_for(principal: Principal) -> list[Scope]:
     """Every limit that applies to this principal, by scope; costs are filled in per request."""
     periods = _current_periods()
-    base = f"gw:{{t{principal.tenant_id}}}"
-    sources = [("tenant", base, {name: getattr(principal, name) for name, *_ in _BUCKETS + _BUDGETS}
+    sources = [("tenant", scope_prefix(principal.tenant_id),
+                {name: getattr(principal, name) for name, *_ in _BUCKETS + _BUDGETS}
                 | {"max_concurrent": principal.max_concurrent})]
     if principal.key_limits:
-        sources.append(("key", f"{base}:k{principal.key_id}", principal.key_limits))
+        sources.append(("key", scope_prefix(principal.tenant_id, principal.key_id), principal.key_limits))
     scopes = []
     for label, prefix, values in sources:
         buckets = [Limit("bucket", short, name, label, int(values[attr]), values[attr] / window, header=header)
@@ -120,7 +130,7 @@ def _scopes_for(principal: Principal) -> list[Scope]:
                    for attr, short, name, which in _BUDGETS if values.get(attr) is not None]
         ttl_ms = max((int(b.limit / b.rate_per_ms) + 60_000 for b in buckets), default=60_000)
         if budgets:
-            ttl_ms = max(ttl_ms, (periods[1][1] + 86400) * 1000)
+            ttl_ms = max(ttl_ms, budget_ttl_ms(periods[1][1]))
         scopes.append(Scope(label, f"{prefix}:lim", f"{prefix}:conc", buckets, int(values.get("max_concurrent") or 0),
                             budgets, ttl_ms))
     return [s for s in scopes if s.buckets or s.slot_limit or s.budgets]

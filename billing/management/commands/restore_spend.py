@@ -1,0 +1,25 @@
+"""`restore_spend [SLUG ...]`: rebuild budget totals in Redis from PostgreSQL's usage rows."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from billing.spend import restore_spend
+from tenants.models import Tenant
+
+
+class Command(BaseCommand):
+    help = ("Raise the day and month spend that budgets are checked against (kept in Redis) to at least "
+            "the usage recorded in PostgreSQL: run it after Redis lost its data. Safe to run any time.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("slugs", nargs="*", help="tenants to restore (default: every tenant with a budget)")
+
+    def handle(self, *args, **options):
+        unknown = set(options["slugs"]) - set(Tenant.objects.filter(slug__in=options["slugs"]).values_list("slug", flat=True))
+        if unknown:
+            raise CommandError(f"No tenant {', '.join(sorted(unknown))}.")
+        restored = restore_spend(options["slugs"] or None)
+        for r in restored:
+            day = "-" if r.day is None else f"${r.day:.6f}"
+            month = "-" if r.month is None else f"${r.month:.6f}"
+            self.stdout.write(f"{r.tenant} ({r.scope}): today {day}, this month {month}")
+        self.stdout.write(f"{len(restored)} budget scope(s) restored.")
