@@ -2,11 +2,24 @@
 
 The writer (billing/writer.py) drains the stream into PostgreSQL in batches, at least once,
 deduplicated by request id, so a crash anywhere loses no row and writes none twice.
+
+A row that cannot reach Redis (an outage) goes to a spool file on local disk instead
+(`GW_USAGE_SPOOL_DIR`), one JSON line per row, and `flush_pending` (every second) sends the
+spool to Redis once it answers. Each process appends to a file of its own and holds an
+exclusive `flock` on it while it lives; a file whose lock can be taken belongs to a process
+that died, and the next process to look sends its rows too. Rows sent twice (a crash between
+the XADD and the file's removal) are dropped by the writer.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
+import socket
+import time
+from pathlib import Path
 
 import orjson
 from django.conf import settings
@@ -14,11 +27,7 @@ from django.conf import settings
 from llm_platform.resp import get_resp
 
 log = logging.getLogger(__name__)
-
-# Rows that could not reach Redis (outage) wait here and are re-sent with the next record.
-_pending: list[bytes] = []
-_PENDING_MAX = 100_000
-_resending = False
+_BATCH = 500  # rows per write when sending a spool
 
 
 def stream_name() -> str:
@@ -28,46 +37,134 @@ def stream_name() -> str:
 async def record(row: dict) -> None:
     payload = orjson.dumps(row, default=str)
     try:
-        if _pending:
-            if _resending:  # another task is sending the backlog: queue behind it
-                _pending.append(payload)
-                return
-            await _resend()
         (reply,) = await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True)
         if isinstance(reply, Exception):
             raise reply
     except Exception:
-        if len(_pending) < _PENDING_MAX:
-            _pending.append(payload)
-        log.error("usage buffer unreachable; row kept in memory", extra={"request_id": row.get("request_id"), "pending": len(_pending)})
+        _spool.append(payload)
+        log.error("usage buffer unreachable; row spooled to disk", extra={"request_id": row.get("request_id")})
+
+
+class _Spool:
+    """This process's spool file, and the adoption of dead processes' files."""
+
+    def __init__(self) -> None:
+        self._file = None  # open, locked, while this process has unsent rows
+        self._sending = False
+
+    def folder(self) -> Path:
+        """One folder per destination (Redis and stream), so rows only ever go where they were bound."""
+        where = hashlib.sha1(f"{settings.REDIS_URL}|{stream_name()}".encode()).hexdigest()[:12]
+        return Path(settings.GATEWAY["USAGE_SPOOL_DIR"]) / where
+
+    def append(self, payload: bytes) -> None:
+        if self._file is None:
+            folder = self.folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}.jsonl"
+            self._file = open(folder / name, "ab")  # noqa: SIM115 - open while rows wait
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        self._file.write(payload + b"\n")
+        self._file.flush()  # in the page cache: a killed process loses nothing (no fsync per row)
+
+    def has_rows(self) -> bool:
+        return self._file is not None
+
+    def _claim(self) -> list:
+        """Files to send now, each open and locked by us: ours (closed to appends from here on,
+        new rows start a new file) and those of processes that died."""
+        claimed = []
+        if self._file is not None:
+            claimed.append(self._file)
+            self._file = None
+        folder = self.folder()
+        if not folder.is_dir():
+            return claimed
+        for path in sorted(folder.glob("*.jsonl")):
+            try:
+                handle = open(path, "rb")  # noqa: SIM115 - closed by _send
+            except FileNotFoundError:
+                continue  # another process just sent it
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()  # a live process's file (ours included: locks are per open file)
+                continue
+            if not os.path.exists(path):  # sent and removed between our open and our lock
+                handle.close()
+                continue
+            claimed.append(handle)
+        return claimed
+
+    async def send(self) -> int:
+        """Send every claimable spool file to Redis; a file is removed once all its rows are in."""
+        if self._sending:
+            return 0
+        self._sending = True
+        sent = 0
+        try:
+            claimed = self._claim()
+            for i, handle in enumerate(claimed):
+                try:
+                    sent += await self._send_file(handle)
+                except Exception:
+                    for rest in claimed[i:]:  # Redis is still away: hand them back
+                        self._give_back(rest)
+                    raise
+        finally:
+            self._sending = False
+        return sent
+
+    async def _send_file(self, handle) -> int:
+        rows = _rows_of(handle.name)
+        for start in range(0, len(rows), _BATCH):
+            commands = [("XADD", stream_name(), "*", "row", row) for row in rows[start:start + _BATCH]]
+            failed = next((r for r in await get_resp().execute_many(commands) if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
+        os.unlink(handle.name)
+        handle.close()  # releases the lock
+        return len(rows)
+
+    def _give_back(self, handle) -> None:
+        """A file we could not send: ours again if it was ours, else unlocked for anyone."""
+        if self._file is None and handle.mode == "ab":
+            self._file = handle
+        else:
+            handle.close()
+
+
+def _rows_of(path: str) -> list[bytes]:
+    with open(path, "rb") as reader:
+        return [line.rstrip(b"\n") for line in reader if line.strip()]
+
+
+_spool = _Spool()
 
 
 async def flush_pending() -> None:
-    """Re-send rows kept in memory during a Redis outage (called periodically)."""
-    if not _pending or _resending:
+    """Send spooled rows (this process's and dead processes') once Redis answers; called every
+    second and at shutdown."""
+    if not _spool.has_rows() and not _orphans_possible():
         return
     try:
-        sent = await _resend()
+        sent = await _spool.send()
     except Exception:
         return  # still away; next round
-    log.info("re-sent buffered usage rows", extra={"rows": sent})
+    if sent:
+        log.info("re-sent spooled usage rows", extra={"rows": sent})
 
 
-async def _resend() -> int:
-    """XADD the rows kept in memory, in one write; they leave memory only once Redis has them."""
-    global _resending
-    backlog = list(_pending)
-    _resending = True
-    try:
-        replies = await get_resp().execute_many([("XADD", stream_name(), "*", "row", item) for item in backlog])
-    finally:
-        _resending = False
-    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
-    if failed is not None:
-        raise failed  # all stay in memory; the writer drops the duplicates of those that got in
-    del _pending[: len(backlog)]
-    return len(backlog)
+_last_look = 0.0
 
 
-def pending_count() -> int:
-    return len(_pending)
+def _orphans_possible() -> bool:
+    """Look for dead processes' spool files at most every 10 s (a directory listing)."""
+    global _last_look
+    now = time.monotonic()
+    if now - _last_look < 10:
+        return False
+    _last_look = now
+    folder = _spool.folder()
+    return folder.is_dir() and any(folder.glob("*.jsonl"))
+

@@ -147,6 +147,8 @@ GATEWAY = {
     "LOCAL_TOKENS_PER_SECOND": env_float("GW_LOCAL_TOKENS_PER_SECOND", 40.0),
     # Usage rows are buffered in this Redis stream and written to PostgreSQL in batches.
     "USAGE_STREAM": env_str("GW_USAGE_STREAM", "gw:usage"),
+    # Rows that cannot reach Redis wait here on local disk until it answers (a volume in containers).
+    "USAGE_SPOOL_DIR": env_str("GW_USAGE_SPOOL_DIR", str(BASE_DIR / ".data" / "usage-spool")),
     "ALERT_STREAM": env_str("GW_ALERT_STREAM", "gw:alerts"),
     "BREAKER_STREAM": env_str("GW_BREAKER_STREAM", "gw:breaker-events"),
     # Streamed events are kept this long for resume (GET /v1/streams/{id} with Last-Event-ID).

@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
                 rd = EmbeddedRedis(scratch / "redis", persist=False)
                 env["REDIS_URL"] = rd.start()
                 started.append(rd)
+        env.setdefault("GW_USAGE_SPOOL_DIR", str(scratch / "usage-spool"))  # rows of this run only
         env.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
         env.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
         env.setdefault("LOG_LEVEL", "WARNING")
