@@ -466,7 +466,7 @@ def test_a_server_that_never_answers_the_handshake_times_out_the_connect(run):
             await client.aclose()
             await stub.stop()
 
-    assert 0.3 <= run(main()) < 1.3
+    assert 0.25 <= run(main()) < 1.3  # the loop clock ticks in ms: 0.3 s may read 0.2999
 
 
 # failures and recovery
