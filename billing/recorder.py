@@ -134,6 +134,12 @@ class _Spool:
             handle.close()
 
 
+def spooled_files() -> int:
+    """Spool files on this host waiting for Redis (every process's, for /status)."""
+    folder = _spool.folder()
+    return sum(1 for _ in folder.glob("*.jsonl")) if folder.is_dir() else 0
+
+
 def _rows_of(path: str) -> list[bytes]:
     with open(path, "rb") as reader:
         return [line.rstrip(b"\n") for line in reader if line.strip()]

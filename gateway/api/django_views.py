@@ -79,6 +79,22 @@ def _operator(request: HttpRequest) -> bool:
     return bool(user and user.is_authenticated and user.is_staff)
 
 
+def _usage_backlog() -> dict:
+    """Usage rows not yet in PostgreSQL: in the Redis stream, dead-lettered, spooled on disk."""
+    from billing.recorder import spooled_files, stream_name
+    from billing.writer import DEAD_LETTER
+    from llm_platform.redis import get_redis
+
+    out: dict = {"spooled_files": spooled_files()}
+    try:
+        client = get_redis()
+        out["in_stream"] = client.xlen(stream_name())
+        out["dead_letters"] = client.xlen(DEAD_LETTER)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: /status must answer
+        out["error"] = type(exc).__name__
+    return out
+
+
 @require_GET
 def status(request: HttpRequest) -> JsonResponse:
     """Per-lane configuration and reachability, for operators (staff session or status token)."""
@@ -91,6 +107,7 @@ def status(request: HttpRequest) -> JsonResponse:
     return JsonResponse({
         "postgres": _check_database() or "ok",
         "redis": _check_redis() or "ok",
+        "usage": _usage_backlog(),
         "lanes": lanes,
         "took_ms": round((time.perf_counter() - started) * 1000, 1),
     })

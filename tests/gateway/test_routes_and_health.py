@@ -115,7 +115,13 @@ def test_status_is_for_operators_only(server, committed_db):
     admin = User.objects.filter(username="statusadmin").first() or User.objects.create_superuser("statusadmin", "s@b.c", "pw-123456789")
     browser = Client()
     browser.force_login(admin)
+    from billing.writer import DEAD_LETTER
+    from llm_platform.redis import get_redis
+
+    get_redis().xadd(DEAD_LETTER, {"row": "{}", "error": "test"})
     body = browser.get("/status").json()
+    assert body["usage"]["dead_letters"] == get_redis().xlen(DEAD_LETTER) >= 1
+    assert body["usage"]["spooled_files"] == 0 and isinstance(body["usage"]["in_stream"], int)
     lanes = {(lane["model"], lane["position"]): lane for lane in body["lanes"]}
     assert lanes[("local", 0)]["reachable"] and lanes[("local", 0)]["configured"]
     assert lanes[("unconfigured", 0)]["configured"] is False
