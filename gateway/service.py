@@ -179,7 +179,9 @@ class ChatCall:
             elif self._first_ticket is not None:
                 ticket, self._first_ticket = self._first_ticket, None  # checked at admission
             else:
-                ticket = await resilience.acquire(lane, self.prompt_tokens + self.reserve_tokens)
+                # A later lane seen healthy moments ago is trusted as the first one is.
+                ticket = (resilience.trusted_ticket(lane)
+                          or await resilience.acquire(lane, self.prompt_tokens + self.reserve_tokens))
             if isinstance(ticket, resilience.Unavailable):
                 skipped.append(ticket)
                 continue
