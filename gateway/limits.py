@@ -252,12 +252,14 @@ class Admission:
         return self.plan.slot_keys
 
 
-def prepare_admission(principal: Principal, request_id: str, tokens: int, estimate: int) -> tuple[Admission, ScriptCall | None]:
-    """The admission script call for this request (None when the principal has no limits)."""
+def prepare_admission(principal: Principal, request_id: str, tokens: int,
+                      estimate: int) -> tuple[Admission, ScriptCall] | tuple[None, None]:
+    """The admission script call for this request; (None, None) when the principal has no limits
+    (nothing to admit or settle: its usage row is a plain XADD)."""
     plan = _plan_for(principal)
-    admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
     if plan.admit is None:
-        return admission, None
+        return None, None
+    admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
     if plan.token_capacity is not None and tokens > plan.token_capacity:
         raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {plan.token_capacity} tokens "
                                 "per minute; lower max_tokens or shorten the prompt.",

@@ -415,15 +415,20 @@ class ChatCall:
                                         "completion_tokens", "stream", "partial")},
         )
         calls = list(self._reports)
+        settled = False
         if self.admission is not None:
-            calls.append(limits.settle_call(self.admission, usage.total_tokens, cost, row))
+            try:
+                calls.append(limits.settle_call(self.admission, usage.total_tokens, cost, row))
+                settled = True
+            except Exception:  # a bug must not cost the row: record it alone; the slot expires
+                log.exception("could not prepare settlement; recording the usage row alone",
+                              extra={"request_id": row["request_id"]})
         try:
             await run_scripts(calls, defer=True)  # lane report(s) and settlement: one round trip
         except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
             log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
-            if self.admission is not None:
-                await record(row)
-        if self.admission is None:
+            settled = False
+        if not settled:
             await record(row)
 
 

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from llm_platform.redis import get_redis
-from tests.conftest import Server, drain_usage
+from tests.conftest import Server, drain_usage, usage_row
 
 
 def chat(server, secret, model="local", content="hello", **extra):
@@ -263,6 +263,17 @@ def test_spend_of_an_earlier_day_does_not_count_today(server, tenants, fakes_res
     assert state["d:p"] == datetime.now(UTC).strftime("%Y-%m-%d")
     assert 0 < int(state["d"]) < 10**12 and state["d:a"] == "0"  # today counts from nothing
     assert int(state["m"]) > int(state["d"])  # the month kept the first call's spend too
+
+
+def test_a_tenant_without_limits_is_served_and_its_usage_recorded(server, tenants, committed_db):
+    unlimited = dict.fromkeys(("requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent",
+                               "daily_budget_usd", "monthly_budget_usd"))
+    tenant, _, secret = tenants.make(tier=unlimited)
+    response = chat(server, secret)
+    assert response.http_response.status_code == 200
+    assert not any(name.startswith("x-ratelimit-") for name in response.headers)
+    row = usage_row(response.headers["x-request-id"])
+    assert row.tenant_id == tenant.pk and row.completion_tokens > 0
 
 
 def test_key_override_limits_only_that_key(server, tenants):
