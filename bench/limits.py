@@ -196,6 +196,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
           f"{left} left in the stream, {pending} pending; {bench.quiet_wait_s:.1f} s spent waiting for the "
           f"writer to catch up before cells")
     everything = [r for results in runs.values() for r in results]
+    served = sum(r.good for r in everything) + sum(len(v) for v in firsts.values())  # + the first requests
     limited = sum(r.statuses.get(429, 0) for (side, *_), results in runs.items() if side == "on" for r in results)
     print_targets(merged, limited)
     problems = []
@@ -203,6 +204,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
         problems.append(f"limits on: {LIMIT_HEADER} missing, so admission did not run")
     if header_seen["off"] != {False}:
         problems.append(f"limits off: {LIMIT_HEADER} present, so GW_LIMITS_ENABLED=0 was not honoured")
+    if rows != served:
+        problems.append(f"{rows:,} usage rows for {served:,} good answers: every answer must have exactly one")
     for text in problems:
         print(f"WARNING: {text}")
     bad = print_problems([merge(v) for v in runs.values()], label=lambda r: f"{r.target:10s}")

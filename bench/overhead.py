@@ -208,6 +208,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
     warn_busy([p for _, p in pairs])
     if rows < served:
         print(f"WARNING: {served - rows} platform answers have no usage row")
+        bad = True
     elif rows > served:
         print(f"WARNING: {rows - served} more usage rows than platform answers: something else wrote "
               f"to Redis db {REDIS_DB}'s usage stream during the run")
