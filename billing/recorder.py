@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 from django.conf import settings
 
-from llm_platform.resp import get_resp
+from llm_platform.resp import get_resp, raise_errors
 
 log = logging.getLogger(__name__)
 _BATCH = 500  # rows per write when sending a spool
@@ -37,9 +37,7 @@ def stream_name() -> str:
 async def record(row: dict) -> None:
     payload = orjson.dumps(row, default=str)
     try:
-        (reply,) = await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True)
-        if isinstance(reply, Exception):
-            raise reply
+        raise_errors(await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True))
     except Exception:
         _spool.append(payload)
         log.error("usage buffer unreachable; row spooled to disk", extra={"request_id": row.get("request_id")})
@@ -119,9 +117,7 @@ class _Spool:
         rows = _rows_of(handle.name)
         for start in range(0, len(rows), _BATCH):
             commands = [("XADD", stream_name(), "*", "row", row) for row in rows[start:start + _BATCH]]
-            failed = next((r for r in await get_resp().execute_many(commands) if isinstance(r, Exception)), None)
-            if failed is not None:
-                raise failed
+            raise_errors(await get_resp().execute_many(commands))
         os.unlink(handle.name)
         handle.close()  # releases the lock
         return len(rows)

@@ -36,7 +36,7 @@ class Restored:
 def restore_spend(slugs: list[str] | None = None, now: datetime | None = None) -> list[Restored]:
     """Raise every budgeted scope's day and month spend in Redis to PostgreSQL's totals."""
     now = now or datetime.now(UTC)
-    (day, _), (month, month_left) = limits._period_ends(now)
+    (day, _), (month, month_left) = limits.period_ends(now)
     day_start = datetime(now.year, now.month, now.day, tzinfo=UTC)
     month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
     script = get_redis().register_script(_SCRIPT)

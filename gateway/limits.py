@@ -22,7 +22,7 @@ from decimal import ROUND_CEILING, Decimal
 import orjson
 from django.conf import settings
 
-from llm_platform.resp import get_resp
+from llm_platform.resp import get_resp, raise_errors
 from tenants.principal import Principal
 
 from .api.errors import GatewayError
@@ -86,11 +86,11 @@ def _current_periods() -> tuple[tuple[str, int], tuple[str, int]]:
     global _periods
     second = int(time.time())
     if _periods[0] != second:
-        _periods = (second, _period_ends(datetime.now(UTC)))
+        _periods = (second, period_ends(datetime.now(UTC)))
     return _periods[1]
 
 
-def _period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
+def period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
     """(day label, seconds left today), (month label, seconds left this month)."""
     day_end = datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp() + 86400
     month_end = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC).timestamp()
@@ -324,6 +324,4 @@ async def refresh_slots(admissions: list[Admission]) -> None:
     for admission in admissions:
         for key in admission.slot_keys:
             commands += (("ZADD", key, "XX", expiry, admission.request_id), ("PEXPIRE", key, ttl_ms + 60_000))
-    for reply in await get_resp().execute_many(commands):
-        if isinstance(reply, Exception):
-            raise reply
+    raise_errors(await get_resp().execute_many(commands))

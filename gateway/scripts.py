@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from llm_platform.resp import Script, Template, get_resp
+from llm_platform.resp import Script, Template, get_resp, raise_errors
 
 __all__ = ["LuaScript", "ScriptCall", "Template", "run_scripts"]
 
@@ -45,8 +45,4 @@ async def run_scripts(calls: list[ScriptCall], defer: bool = False) -> list:
     for work no client waits on."""
     if not calls:
         return []
-    results = await get_resp().evalsha_packed(calls, defer)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    return results
+    return raise_errors(await get_resp().evalsha_packed(calls, defer))

@@ -127,6 +127,14 @@ class Template:
         return b"".join(out)
 
 
+def raise_errors(replies: list) -> list:
+    """`replies` of `execute_many` / `evalsha_packed`, or the first error reply among them raised."""
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
+
+
 def _is_noscript(reply) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
 
