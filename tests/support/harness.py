@@ -51,6 +51,7 @@ class RecordedRequest:
     body: Any
     raw: bytes
     outcome: str = "pending"
+    generation: int = 0  # the fake's reset count when it arrived
 
 
 RECORD = web.RequestKey("fake_record", RecordedRequest)
@@ -117,6 +118,7 @@ class FakeServer:
         self._defaults = Settings(chunks, delay, fault, fault_times, api_key, timeout_seconds)
         self.record = record
         self._lock = threading.Lock()
+        self._generation = 0
         self._requests: list[RecordedRequest] = []
         self._port: int | None = None
         self._thread: threading.Thread | None = None
@@ -151,9 +153,11 @@ class FakeServer:
         self._fault_spec = value
 
     def reset(self) -> None:
-        """Forget recorded requests and restore the constructor's settings."""
+        """Forget recorded requests and restore the constructor's settings. A request from before
+        the reset that ends after it (a hang-up the server thread notices late) counts nowhere."""
         with self._lock:
             self._requests.clear()
+            self._generation += 1
         self._apply_defaults()
 
     # -- request log ------------------------------------------------------------------------
@@ -172,7 +176,7 @@ class FakeServer:
     def _record(self, request: web.Request, body: Any, raw: bytes) -> RecordedRequest:
         # Lower-cased header names, so tests can look up "authorization" however it was sent.
         headers = {k.lower(): v for k, v in request.headers.items()} if self.record else {}
-        rec = RecordedRequest(request.method, request.path, headers, body, raw)
+        rec = RecordedRequest(request.method, request.path, headers, body, raw, generation=self._generation)
         request[RECORD] = rec
         if self.record:
             with self._lock:
@@ -289,7 +293,7 @@ class FakeServer:
     def _client_gone(self, rec: RecordedRequest) -> None:
         if rec.outcome == "pending":
             rec.outcome = "cancelled" if self._stopping else "disconnected"
-            if not self._stopping:
+            if not self._stopping and rec.generation == self._generation:
                 self.disconnects += 1
 
     # -- app and lifecycle ------------------------------------------------------------------

@@ -504,6 +504,23 @@ def test_fifty_delayed_requests_are_served_concurrently(fake_openai: FakeOpenAI)
     assert fake_openai.peak_in_flight == 50
 
 
+def test_a_hang_up_noticed_after_a_reset_counts_for_no_test(oai: openai.OpenAI, fake_openai: FakeOpenAI) -> None:
+    """The server thread may notice a client gone only after the next test's reset; that
+    hang-up belongs to the earlier test and must not show in the next one's count."""
+    stream = oai.chat.completions.create(
+        model=OPENAI_MODEL, messages=user("hi [[fault:drip:50]]"), stream=True
+    )
+    next(iter(stream))
+    earlier = fake_openai.requests[-1]
+    fake_openai.reset()  # what the next test's fixture does
+    stream.close()
+    deadline = time.monotonic() + 2
+    while earlier.outcome == "pending" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert earlier.outcome == "disconnected"
+    assert fake_openai.disconnects == 0 and fake_openai.requests == []
+
+
 def test_client_dropping_mid_stream_is_quiet(
     oai: openai.OpenAI, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
