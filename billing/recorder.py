@@ -5,7 +5,8 @@ deduplicated by request id, so a crash anywhere loses no row and writes none twi
 
 A row that cannot reach Redis (an outage) goes to a spool file on local disk instead
 (`GW_USAGE_SPOOL_DIR`), one JSON line per row, and `flush_pending` (every second) sends the
-spool to Redis once it answers. Each process appends to a file of its own and holds an
+spool to Redis once it answers (and first makes the rows durable: one fsync a second, off the
+event loop, so a power cut loses at most the last second). Each process appends to a file of its own and holds an
 exclusive `flock` on it while it lives; a file whose lock can be taken belongs to a process
 that died, and the next process to look sends its rows too. Rows sent twice (a crash between
 the XADD and the file's removal) are dropped by the writer.
@@ -13,6 +14,7 @@ the XADD and the file's removal) are dropped by the writer.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import logging
@@ -49,6 +51,7 @@ class _Spool:
     def __init__(self) -> None:
         self._file = None  # open, locked, while this process has unsent rows
         self._sending = False
+        self._unsynced = False  # rows written since the last fsync
 
     def folder(self) -> Path:
         """One folder per destination (Redis and stream), so rows only ever go where they were bound."""
@@ -63,7 +66,21 @@ class _Spool:
             self._file = open(folder / name, "ab")  # noqa: SIM115 - open while rows wait
             fcntl.flock(self._file, fcntl.LOCK_EX)
         self._file.write(payload + b"\n")
-        self._file.flush()  # in the page cache: a killed process loses nothing (no fsync per row)
+        self._file.flush()  # in the page cache: a killed process loses nothing; `sync` follows
+        self._unsynced = True
+
+    async def sync(self) -> None:
+        """Make the rows written so far durable: the file's data, and its name in the folder.
+        In a thread: an fsync may take milliseconds, the event loop must not wait on it."""
+        if not self._unsynced or self._file is None:
+            return
+        self._unsynced = False
+        fd, folder = self._file.fileno(), str(Path(self._file.name).parent)
+        try:
+            await asyncio.to_thread(_fsync_file_and_folder, fd, folder)
+        except OSError:
+            self._unsynced = True
+            log.warning("could not fsync the usage spool; retrying in a second")
 
     def has_rows(self) -> bool:
         return self._file is not None
@@ -136,6 +153,15 @@ def spooled_files() -> int:
     return sum(1 for _ in folder.glob("*.jsonl")) if folder.is_dir() else 0
 
 
+def _fsync_file_and_folder(fd: int, folder: str) -> None:
+    os.fsync(fd)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _rows_of(path: str) -> list[bytes]:
     with open(path, "rb") as reader:
         return [line.rstrip(b"\n") for line in reader if line.strip()]
@@ -149,6 +175,7 @@ async def flush_pending() -> None:
     second and at shutdown."""
     if not _spool.has_rows() and not _orphans_possible():
         return
+    await _spool.sync()
     try:
         sent = await _spool.send()
     except Exception:

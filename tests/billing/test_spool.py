@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import socket
+import threading
 import time
 
 import redis as redis_lib
 from django.conf import settings
 
+from billing import recorder
 from llm_platform.embedded import EmbeddedRedis
 from tests.conftest import Server
 from tests.gateway.test_limits import slow_stream
@@ -62,3 +66,43 @@ def test_a_row_spooled_in_an_outage_reaches_redis_after_its_process_was_killed(r
             if server is not None:
                 server.stop()
         store.stop()
+
+
+def test_spooled_rows_are_made_durable_once_a_second_off_the_event_loop(monkeypatch, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once the block ends: Redis is away
+    monkeypatch.setattr(settings, "REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setitem(settings.GATEWAY, "USAGE_SPOOL_DIR", str(tmp_path))
+    monkeypatch.setattr(recorder, "_spool", recorder._Spool())
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), threading.current_thread() is threading.main_thread()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(recorder.os, "fsync", spy)
+
+    async def outage() -> list[list[tuple[str, bool]]]:
+        seen = []
+        await recorder.record({"request_id": "r1"})
+        await recorder.record({"request_id": "r2"})
+        seen.append(list(synced))  # written to the page cache, not yet synced
+        await recorder.flush_pending()  # the once-a-second round: sync, then try Redis
+        seen.append(list(synced))
+        await recorder.flush_pending()  # nothing new: no fsync
+        seen.append(list(synced))
+        await recorder.record({"request_id": "r3"})
+        await recorder.flush_pending()
+        seen.append(list(synced))
+        return seen
+
+    before, first, idle, again = asyncio.run(outage())
+    (spool_file,) = list(tmp_path.rglob("*.jsonl"))
+    folder = str(spool_file.parent)
+    assert before == []
+    assert first == [(str(spool_file), False), (folder, False)]  # the data and its name, in a thread
+    assert idle == first
+    assert again == first * 2
+    assert [json.loads(line)["request_id"] for line in spooled(tmp_path)] == ["r1", "r2", "r3"]
