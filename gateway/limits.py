@@ -1,11 +1,16 @@
 """Per-tenant and per-key limits, enforced atomically in Redis for every process at once.
 
-Admission is one EVALSHA (lua/admit.lua) that checks, then reserves: token buckets for
-requests/min, requests/hour and tokens/min (bursts up to the bucket, the average enforced),
-concurrency slots (a sorted set of request ids scored by expiry, so a dead worker's slot frees
-itself), and daily/monthly spend. Settlement is one more EVALSHA (lua/settle.lua) that refunds
-unused reserved tokens (or charges an overshoot), releases the slot, settles spend from the real
-cost, raises 80%/100% budget alerts once per period and buffers the usage row.
+Admission checks, then reserves: token buckets for requests/min, requests/hour and tokens/min
+(bursts up to the bucket, the average enforced), concurrency slots (a sorted set of request ids
+scored by expiry, so a dead worker's slot frees itself), and daily/monthly spend. Settlement
+refunds unused reserved tokens (or charges an overshoot), releases the slot, settles spend from
+the real cost, raises 80%/100% budget alerts once per period and buffers the usage row.
+
+Both are operations of one script, lua/limits.lua, which runs any number of them atomically.
+The operations a process issues during one event-loop iteration go to Redis as one call of it
+(settlements, which no client waits for, wait up to GW_REDIS_DEFER_MS to join the next
+admissions): under load Redis reads each scope's state once per call, not twice per request,
+and the fixed cost of a script call is shared. An admission is still one atomic round trip.
 
 Money in Redis is integer nano-dollars; a price in USD per million tokens is exactly
 1000 nano-dollars per token per unit of price.
@@ -13,27 +18,30 @@ Money in Redis is integer nano-dollars; a price in USD per million tokens is exa
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
+from typing import NamedTuple
 
 import orjson
+import redis.exceptions as rx
 from django.conf import settings
 
-from llm_platform.resp import get_resp, raise_errors
+from llm_platform.resp import Fragment, get_resp, pack_args, raise_errors
 from tenants.principal import Principal
 
 from .api.errors import GatewayError
 from .routing import LaneSpec
-from .scripts import LuaScript, ScriptCall, Template
+from .scripts import LuaScript
 
 NANO = Decimal(1_000_000_000)
 
 
-ADMIT = LuaScript("admit.lua")
-SETTLE = LuaScript("settle.lua")
+LIMITS = LuaScript("limits.lua")
 
 
 def nano(amount: Decimal) -> int:
@@ -137,7 +145,17 @@ def _scopes_for(principal: Principal) -> list[Scope]:
 
 
 def estimate_nano(lane: LaneSpec, prompt_tokens: int, reserved_completion: int) -> int:
+    per_input, per_output = _nano_per_token(lane.price_input), _nano_per_token(lane.price_output)
+    if per_input is not None and per_output is not None:  # integers: exact, without Decimal's cost
+        return prompt_tokens * per_input + reserved_completion * per_output
     return nano((prompt_tokens * lane.price_input + reserved_completion * lane.price_output) / 1_000_000)
+
+
+@functools.lru_cache(maxsize=4096)
+def _nano_per_token(price: Decimal) -> int | None:
+    """Nano-dollars per token at `price` USD per million tokens, if that is a whole number."""
+    value = price * 1000
+    return int(value) if value == value.to_integral_value() else None
 
 
 def unavailable() -> GatewayError:
@@ -179,16 +197,20 @@ class _Plan:
     buckets: list[Limit]  # in the order the script reports remaining/reset
     token_capacity: int | None  # the smallest tokens-per-minute bucket
     slot_keys: list[str]
-    admit: Template | None = None
+    keys: bytes = b""  # per scope: hash, slot set (packed)
+    n_keys: int = 0
+    admit: Fragment | None = None
     admit_gaps: list[int] = field(default_factory=list)
-    settle: Template | None = None
+    settle: Fragment | None = None
     settle_gaps: list[int] = field(default_factory=list)
 
 
-def _template(script: LuaScript, keys: list[str], spec: list) -> tuple[Template, list[int]]:
-    """`spec` holds fixed arguments and gap markers (`_Gap`); the template and the gaps' kinds."""
+def _operation(kind: str, body: list) -> tuple[Fragment, list[int]]:
+    """One operation's arguments for lua/limits.lua: its kind, its length, then `body`, whose
+    gap markers (`_Gap`) are filled per request. The fragment and the gaps' kinds, in order."""
+    spec = [kind, len(body), *body]
     holes = [i for i, arg in enumerate(spec) if isinstance(arg, _Gap)]
-    return script.template(keys, spec, holes), [spec[i].kind for i in holes]
+    return Fragment(spec, holes), [spec[i].kind for i in holes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +252,9 @@ def _plan_for(principal: Principal) -> _Plan:
     plan = _Plan(principal, day, scopes, ordered, buckets, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
     if scopes:
-        plan.admit, plan.admit_gaps = _template(ADMIT, keys, admit)
-        plan.settle, plan.settle_gaps = _template(SETTLE, [*keys, usage_stream(), alert_stream()], settle)
+        plan.keys, plan.n_keys = pack_args(keys), len(keys)
+        plan.admit, plan.admit_gaps = _operation("a", admit)
+        plan.settle, plan.settle_gaps = _operation("s", settle)
     if len(_plans) > 10_000:
         _plans.clear()
     _plans[id(principal)] = plan
@@ -252,9 +275,19 @@ class Admission:
         return self.plan.slot_keys
 
 
+class Operation(NamedTuple):
+    """One admission or settlement, packed for lua/limits.lua (`submit` sends it)."""
+
+    keys: bytes
+    n_keys: int
+    args: bytes
+    n_args: int
+    settles: bool
+
+
 def prepare_admission(principal: Principal, request_id: str, tokens: int,
-                      estimate: int) -> tuple[Admission, ScriptCall] | tuple[None, None]:
-    """The admission script call for this request; (None, None) when the principal has no limits
+                      estimate: int) -> tuple[Admission, Operation] | tuple[None, None]:
+    """The admission operation for this request; (None, None) when the principal has no limits
     (nothing to admit or settle: its usage row is a plain XADD)."""
     plan = _plan_for(principal)
     if plan.admit is None:
@@ -266,11 +299,12 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
                            code="request_exceeds_limit", param="max_tokens")
     (_, day_left), (_, month_left) = _current_periods()
     values = (request_id, tokens, estimate, day_left, month_left)
-    return admission, ScriptCall(ADMIT, plan.admit.fill([values[kind] for kind in plan.admit_gaps]))
+    args = plan.admit.fill([values[kind] for kind in plan.admit_gaps])
+    return admission, Operation(plan.keys, plan.n_keys, args, plan.admit.count, False)
 
 
 def finish_admission(admission: Admission, result) -> Admission:
-    """Turn the admission script's answer into headers, or raise the refusal."""
+    """Turn the admission's reply into headers, or raise the refusal (503 if Redis failed)."""
     if isinstance(result, Exception):
         raise unavailable() from None
     if result[0] == 0:
@@ -307,13 +341,111 @@ def alert_stream() -> str:
     return settings.GATEWAY["ALERT_STREAM"]
 
 
-def settle_call(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> ScriptCall:
-    """Refund or charge tokens, release the slot, settle spend, buffer the row: one script."""
+def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> Operation:
+    """Refund or charge tokens, release the slot, settle spend, buffer the row: one operation."""
     plan = admission.plan
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
     values = {_RID: admission.request_id, _REFUND: refund, _DELTA: delta, _ROW: orjson.dumps(row, default=str)}
-    return ScriptCall(SETTLE, plan.settle.fill([values[kind] for kind in plan.settle_gaps]))
+    args = plan.settle.fill([values[kind] for kind in plan.settle_gaps])
+    return Operation(plan.keys, plan.n_keys, args, plan.settle.count, True)
+
+
+def submit(operation: Operation, defer: bool = False) -> asyncio.Future:
+    """Queue an operation for this loop's next call of lua/limits.lua; its reply as a future
+    (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS for an
+    admission to ride with (settlements: no client waits for them)."""
+    loop = asyncio.get_running_loop()
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        for old in [old for old in _batchers if old.is_closed()]:
+            del _batchers[old]
+        batcher = _batchers[loop] = _Batcher(loop)
+    return batcher.submit(operation, defer)
+
+
+class _Batcher:
+    """One event loop's operations not yet sent; settlements go first in a call, so that the
+    slots and tokens they free serve the admissions after them.
+
+    At most one call is in flight: admissions that arrive meanwhile go out together when its
+    reply comes back (group commit). An idle process sends an admission at the end of the loop
+    iteration, as before; a busy one sends one call per round trip instead of one per request,
+    which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
+
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.settles: list[tuple[Operation, asyncio.Future]] = []
+        self.admits: list[tuple[Operation, asyncio.Future]] = []
+        self.soon = False  # a call is due at the end of this loop iteration
+        self.later: asyncio.TimerHandle | None = None  # a call of deferred settlements is due
+        self.inflight = 0  # calls sent, not answered
+
+    def submit(self, operation: Operation, defer: bool) -> asyncio.Future:
+        waiter = self.loop.create_future()
+        (self.settles if operation.settles else self.admits).append((operation, waiter))
+        if not defer:
+            if not self.soon and self.inflight == 0:
+                self.soon = True
+                self.loop.call_soon(self.flush)
+        elif not self.soon and self.later is None:
+            self.later = self.loop.call_later(settings.GATEWAY["REDIS_DEFER_MS"] / 1000, self.flush)
+        return waiter
+
+    def flush(self) -> None:
+        self.soon = False
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        batch = self.settles + self.admits
+        self.settles, self.admits = [], []
+        if not batch:
+            return
+        waiters = [waiter for _, waiter in batch]
+        keys, args = [], [pack_args((len(batch),))]
+        n_keys, n_args = 2, 1
+        for operation, _ in batch:
+            keys.append(operation.keys)
+            args.append(operation.args)
+            n_keys += operation.n_keys
+            n_args += operation.n_args
+        keys.append(pack_args((usage_stream(), alert_stream())))
+        try:
+            reply = get_resp().evalsha_now(LIMITS, LIMITS.assemble(n_keys, keys, n_args, args))
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+            _deliver(waiters, exc)
+            return
+        self.inflight += 1
+        reply.add_done_callback(lambda done: self.answered(waiters, done))
+
+    def answered(self, waiters: list[asyncio.Future], done: asyncio.Future) -> None:
+        self.inflight -= 1
+        _deliver(waiters, _outcome(done))
+        if self.admits and not self.soon and self.inflight == 0:
+            self.flush()
+
+
+_batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
+
+
+def _outcome(done: asyncio.Future):
+    """A call's replies, or what went wrong (an exception)."""
+    if done.cancelled():
+        return rx.ConnectionError("The call to Redis was cancelled")
+    return done.exception() or done.result()
+
+
+def _deliver(waiters: list[asyncio.Future], outcome) -> None:
+    """Each operation's reply to its waiter, or the call's failure to every waiter."""
+    for i, waiter in enumerate(waiters):
+        if waiter.done():  # its caller was cancelled
+            continue
+        if isinstance(outcome, BaseException):
+            waiter.set_exception(type(outcome)(*outcome.args))
+        else:
+            waiter.set_result(outcome[i])
 
 
 async def refresh_slots(admissions: list[Admission]) -> None:

@@ -119,30 +119,36 @@ class ChatCall:
         return True
 
     async def admit(self) -> None:
-        """Admission and the first lane's health check, in one Redis round trip."""
-        calls = []
-        admission = admission_call = None
+        """Admission and the first lane's health check, in one Redis round trip (both go out in
+        the write at the end of this loop iteration)."""
+        admission = admitted = None
         tokens = self.prompt_tokens + self.reserve_tokens
         if settings.GATEWAY["LIMITS_ENABLED"]:
             estimate = limits.estimate_nano(self.lane, self.prompt_tokens, self.reserve_tokens)
-            admission, admission_call = limits.prepare_admission(self.principal, self.ctx.request_id, tokens, estimate)
-            if admission_call is not None:
-                calls.append(admission_call)
+            admission, operation = limits.prepare_admission(self.principal, self.ctx.request_id, tokens, estimate)
+            if operation is not None:
+                admitted = limits.submit(operation)
         trusted = resilience.trusted_ticket(self.route.lanes[0]) if resilience_enabled() else None
-        if resilience_enabled() and trusted is None:
-            calls.append(resilience.acquire_call(self.route.lanes[0], tokens))
-        try:
-            results = await run_scripts(calls)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            results = [exc] * len(calls)
         if trusted is not None:
             self._first_ticket = trusted
         elif resilience_enabled():
-            self._first_ticket = resilience.ticket_from(self.route.lanes[0], results.pop())
-            resilience.note_ticket(self._first_ticket)
-        if admission_call is not None:
             try:
-                limits.finish_admission(admission, results[0])
+                (result,) = await run_scripts([resilience.acquire_call(self.route.lanes[0], tokens)])
+            except (redis.exceptions.RedisError, OSError) as exc:
+                result = exc
+            except BaseException:  # cancelled: nobody will read the admission's reply
+                if admitted is not None:
+                    admitted.cancel()
+                raise
+            self._first_ticket = resilience.ticket_from(self.route.lanes[0], result)
+            resilience.note_ticket(self._first_ticket)
+        if admitted is not None:
+            try:
+                result = await admitted
+            except (redis.exceptions.RedisError, OSError) as exc:
+                result = exc
+            try:
+                limits.finish_admission(admission, result)
             except GatewayError:
                 if isinstance(self._first_ticket, resilience.Ticket) and self._first_ticket.probe:
                     await resilience.report(self._first_ticket, "limited", "refused at admission")
@@ -414,22 +420,26 @@ class ChatCall:
                                         "http_status", "error_code", "latency_ms", "prompt_tokens",
                                         "completion_tokens", "stream", "partial")},
         )
-        calls = list(self._reports)
-        settled = False
+        settled = None
         if self.admission is not None:
             try:
-                calls.append(limits.settle_call(self.admission, usage.total_tokens, cost, row))
-                settled = True
+                settled = limits.submit(limits.settle_operation(self.admission, usage.total_tokens, cost, row),
+                                        defer=True)
             except Exception:  # a bug must not cost the row: record it alone; the slot expires
                 log.exception("could not prepare settlement; recording the usage row alone",
                               extra={"request_id": row["request_id"]})
-        try:
-            await run_scripts(calls, defer=True)  # lane report(s) and settlement: one round trip
-        except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
-            log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
-            settled = False
-        if not settled:
-            await record(row)
+        if self._reports:  # lane reports: in the same write as the settlement
+            try:
+                await run_scripts(self._reports, defer=True)
+            except (redis.exceptions.RedisError, OSError):
+                log.warning("lane reports lost", extra={"request_id": row["request_id"]})
+        if settled is not None:
+            try:
+                await settled
+                return
+            except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
+                log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
+        await record(row)
 
 
 @asynccontextmanager

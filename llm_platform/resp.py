@@ -91,18 +91,30 @@ class Script:
         """A call whose arguments are fixed but those at `holes`: packed once, filled per call."""
         return Template(self, keys, args, holes)
 
+    def assemble(self, n_keys: int, keys: list[bytes], n_args: int, args: list[bytes]) -> bytes:
+        """The EVALSHA command from keys and arguments already packed (`pack_args`, `Fragment`):
+        `n_keys` keys in `keys`, `n_args` arguments in `args`."""
+        return b"".join((b"*%d\r\n" % (3 + n_keys + n_args), self._head, pack_args((n_keys,)), *keys, *args))
+
     def __repr__(self) -> str:
         return f"Script({self.sha})"
 
 
-class Template:
-    """An EVALSHA packed once with gaps: `fill(values)` packs only the values of the gaps."""
+def pack_args(args) -> bytes:
+    """Arguments as consecutive RESP bulk strings (a piece of a command, for `Script.assemble`)."""
+    out: list[bytes] = []
+    _pack_into(out, args)
+    return b"".join(out)
 
-    __slots__ = ("script", "_pieces")
 
-    def __init__(self, script: Script, keys: list, args: list, holes: list[int]):
-        out = [b"*%d\r\n" % (3 + len(keys) + len(args)), script._head]
-        _pack_into(out, (len(keys), *keys))
+class Fragment:
+    """Arguments packed once with gaps: `fill(values)` packs only the values of the gaps.
+    `count` is the number of arguments."""
+
+    __slots__ = ("count", "_pieces")
+
+    def __init__(self, args: list, holes: list[int], prefix: bytes = b""):
+        out = [prefix]
         gaps = set(holes)
         pieces: list[bytes | None] = []
         for i, arg in enumerate(args):
@@ -112,11 +124,11 @@ class Template:
             else:
                 _pack_into(out, (arg,))
         pieces.append(b"".join(out))
-        self.script = script
+        self.count = len(args)
         self._pieces = pieces
 
     def fill(self, values) -> bytes:
-        """The command with `values` in the gaps, in order."""
+        """The arguments with `values` in the gaps, in order."""
         out: list[bytes] = []
         filling = iter(values)
         for piece in self._pieces:
@@ -125,6 +137,18 @@ class Template:
             else:
                 out.append(piece)
         return b"".join(out)
+
+
+class Template(Fragment):
+    """A whole EVALSHA packed once with gaps: `fill(values)` is the command."""
+
+    __slots__ = ("script",)
+
+    def __init__(self, script: Script, keys: list, args: list, holes: list[int]):
+        head = [b"*%d\r\n" % (3 + len(keys) + len(args)), script._head]
+        _pack_into(head, (len(keys), *keys))
+        super().__init__(args, holes, b"".join(head))
+        self.script = script
 
 
 def raise_errors(replies: list) -> list:
@@ -207,14 +231,19 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    def request(self, data: bytes, defer: bool = False) -> asyncio.Future:
+    def request(self, data: bytes, defer: bool = False, now: bool = False) -> asyncio.Future:
+        """`now`: write at once, with whatever waits in the buffer (for callers that did their
+        own batching until the end of a loop iteration)."""
         if self.closed:
             raise rx.ConnectionError(f"Connection to Redis at {self._where} closed")
         future = self._loop.create_future()
         self._pending.append(future)
         self._queued += 1
         self._buffer.append(data)
-        self._schedule(defer)
+        if now:
+            self._flush()
+        else:
+            self._schedule(defer)
         return future
 
     def request_many(self, datas: list[bytes], defer: bool = False) -> asyncio.Future:
@@ -387,6 +416,28 @@ class RespClient:
                 replies[i] = load_errors.get(calls[i][0].sha, reply)
         return replies
 
+    def evalsha_now(self, script: Script, data: bytes) -> asyncio.Future:
+        """One packed script call written at once (see `_Connection.request`); its reply, or its
+        error reply (NOSCRIPT is handled), as a future. While (re)connecting, it goes in a task."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return asyncio.ensure_future(self._evalsha_one(script, data))
+        result = conn._loop.create_future()
+
+        def answered(reply: asyncio.Future) -> None:
+            if not reply.cancelled() and reply.exception() is None and _is_noscript(reply.result()):
+                reply = asyncio.ensure_future(self._evalsha_one(script, data))  # loads it, then runs it
+                reply.add_done_callback(lambda again: _chain(again, result))
+            else:
+                _chain(reply, result)
+
+        conn.request(data, now=True).add_done_callback(answered)
+        return result
+
+    async def _evalsha_one(self, script: Script, data: bytes):
+        (reply,) = await self.evalsha_packed([(script, data)])
+        return reply
+
     async def aclose(self) -> None:
         if self._connecting is not None:
             try:
@@ -459,6 +510,17 @@ class RespClient:
     def _closed(self, conn: _Connection) -> None:
         if self._conn is conn:
             self._conn = None
+
+
+def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
 
 
 _clients: dict[asyncio.AbstractEventLoop, RespClient] = {}

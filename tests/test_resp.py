@@ -20,7 +20,7 @@ from redis.asyncio.connection import parse_url
 
 from llm_platform.embedded import free_port
 from llm_platform.redis import get_redis
-from llm_platform.resp import RespClient, Script, get_resp
+from llm_platform.resp import Fragment, RespClient, Script, get_resp, pack_args
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 REDIS = parse_url(settings.REDIS_URL)
@@ -360,6 +360,54 @@ def test_scripts_are_loaded_again_after_script_flush(run, prefix):
     assert (first, second, a, b, c) == (1, 11, 111, b"e", 1111)
     assert isinstance(error, rx.ResponseError) and "nope" in str(error)
     assert get_redis().script_exists(counter.sha, echo.sha, failing.sha) == [True, True, True]
+
+
+def test_a_command_assembled_from_packed_pieces_is_the_packed_command():
+    script = Script(ECHO_LUA)
+    keys, args = ["k1", "k2"], [10**19, 1 / 3, b"\x00raw", "a", 7]
+    fragment = Fragment(args, holes=[1, 4])
+    assert fragment.count == 5
+    pieces = [fragment.fill([0.25, 8]), pack_args(["tail"])]
+    assembled = script.assemble(2, [pack_args(keys)], 6, pieces)
+    assert assembled == script.pack(keys, [10**19, 0.25, b"\x00raw", "a", 8, "tail"])
+
+
+def test_evalsha_now_writes_at_once_and_loads_a_flushed_script(run, prefix):
+    marker = uuid.uuid4().hex
+    counter = Script(f"-- {marker}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])")
+    failing = Script(f"-- {marker}\nreturn redis.error_reply('nope')")
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            first = await client.evalsha_now(counter, counter.pack([prefix + "n"], [1]))  # not connected yet
+            written = []
+            conn = client._conn
+
+            class Recording:  # the transport, noting each write
+                def __init__(self, transport):
+                    self.transport = transport
+
+                def write(self, data):
+                    written.append(data)
+                    self.transport.write(data)
+
+                def __getattr__(self, name):
+                    return getattr(self.transport, name)
+
+            conn._transport = Recording(conn._transport)
+            get_redis().script_flush()
+            pending = client.evalsha_now(counter, counter.pack([prefix + "n"], [10]))
+            at_once = len(written)  # before this loop iteration ended
+            second = await pending  # NOSCRIPT: loaded, then run
+            error = await client.evalsha_now(failing, failing.pack([], []))
+            return first, at_once, second, error
+        finally:
+            await client.aclose()
+
+    first, at_once, second, error = run(main())
+    assert (first, at_once, second) == (1, 1, 11)
+    assert isinstance(error, rx.ResponseError) and "nope" in str(error)
 
 
 def test_a_script_that_does_not_compile_reports_the_compile_error(run):

@@ -1,6 +1,6 @@
 -- Restore: raise a scope's day and month spend to at least what PostgreSQL has recorded (after
 -- Redis lost them), keeping a larger running total (reservations in flight) where there is one.
--- KEYS[1]: the scope's hash (layout: admit.lua)
+-- KEYS[1]: the scope's hash (layout: limits.lua)
 -- ARGV[1]: the hash's ttl (ms); then per budget: field (d|m), period label, spent (nano-dollars),
 --   the highest alert threshold already recorded for that period (0, 80 or 100)
 local hash, ttl = KEYS[1], tonumber(ARGV[1])

@@ -1,0 +1,167 @@
+"""Operations issued in one event-loop iteration go to Redis as one call of lua/limits.lua, and
+each sees the effects of those before it, as if they had been sent one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import uuid
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+import redis.exceptions
+from django.conf import settings
+
+from gateway import limits
+from gateway.api.errors import GatewayError
+from llm_platform import resp
+from llm_platform.redis import get_redis
+from tenants.principal import Principal
+
+
+@pytest.fixture()
+def calls(monkeypatch):
+    """How many calls of the script reached the Redis client."""
+    seen: list[int] = []
+    real = resp.RespClient.evalsha_now
+
+    def counting(self, script, data):
+        seen.append(1)
+        return real(self, script, data)
+
+    monkeypatch.setattr(resp.RespClient, "evalsha_now", counting)
+    return seen
+
+
+def principal(tenants, **tier) -> Principal:
+    _, key, _ = tenants.make(tier=tier)
+    return Principal.from_key(key)
+
+
+def outcome(admission, reply):
+    try:
+        return limits.finish_admission(admission, reply)
+    except GatewayError as refusal:
+        return refusal
+
+
+async def admit_together(who: Principal, tokens: list[int]) -> list:
+    """Admissions submitted in one loop iteration; each one's Admission or refusal."""
+    prepared = [limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", n, 1000) for n in tokens]
+    waiters = [limits.submit(operation) for _, operation in prepared]
+    replies = await asyncio.gather(*waiters, return_exceptions=True)
+    return [outcome(admission, reply) for (admission, _), reply in zip(prepared, replies, strict=True)]
+
+
+def test_admissions_in_one_call_each_see_the_ones_before(tenants, calls):
+    who = principal(tenants, requests_per_minute=3)
+    results = asyncio.run(admit_together(who, [1] * 5))
+    assert len(calls) == 1
+    admitted = [r for r in results if isinstance(r, limits.Admission)]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in admitted] == ["2", "1", "0"]
+    refused = results[3:]
+    assert all(isinstance(r, GatewayError) and r.status == 429 for r in refused)
+    assert all("requests per minute" in r.message for r in refused)
+
+
+def test_a_refusal_amid_a_call_leaves_the_others_alone(tenants, calls):
+    who = principal(tenants, tokens_per_minute=100)
+    results = asyncio.run(admit_together(who, [60, 60, 30]))
+    assert len(calls) == 1
+    assert [type(r).__name__ for r in results] == ["Admission", "GatewayError", "Admission"]
+    assert results[1].status == 429 and "tokens per minute" in results[1].message
+    level = float(get_redis().hget(f"gw:{{t{who.tenant_id}}}:lim", "tpm"))
+    assert 10 <= level < 11  # 100 - 60 - 30, plus what refilled in the meantime
+
+
+def test_admissions_arriving_while_a_call_is_in_flight_go_out_together_after_it(tenants, calls):
+    who = principal(tenants, requests_per_minute=4)
+
+    async def scenario():
+        prepared = [limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", 1, 0) for _ in range(5)]
+        first = limits.submit(prepared[0][1])
+        await asyncio.sleep(0)  # the end of the loop iteration: the first call is written
+        assert len(calls) == 1 and not first.done()
+        rest = [limits.submit(operation) for _, operation in prepared[1:]]  # held while it is in flight
+        await asyncio.sleep(0)
+        assert len(calls) == 1
+        replies = await asyncio.gather(first, *rest)
+        return [outcome(admission, reply) for (admission, _), reply in zip(prepared, replies, strict=True)]
+
+    results = asyncio.run(scenario())
+    assert len(calls) == 2  # the four held admissions in one call
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in results[:4]] == ["3", "2", "1", "0"]
+    assert isinstance(results[4], GatewayError) and results[4].status == 429
+
+
+def test_a_settlement_frees_its_slot_for_an_admission_in_the_same_call(tenants, calls):
+    who = principal(tenants, max_concurrent=1, daily_budget_usd=Decimal("5"))
+
+    async def scenario():
+        (first,) = await admit_together(who, [10])
+        assert isinstance(first, limits.Admission)
+        (blocked,) = await admit_together(who, [10])
+        assert isinstance(blocked, GatewayError) and "concurrent requests" in blocked.message
+        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        settled = limits.submit(limits.settle_operation(first, 4, Decimal("0.000002"), row), defer=True)
+        (second,) = await admit_together(who, [10])  # submitted in the same iteration as the settlement
+        return await settled, second
+
+    alerts, second = asyncio.run(scenario())
+    assert alerts == 0
+    assert isinstance(second, limits.Admission)
+    assert len(calls) == 3  # first, blocked, then the settlement riding with the second admission
+    slots = [m.decode() for m in get_redis().zrange(f"gw:{{t{who.tenant_id}}}:conc", 0, -1)]
+    assert slots == [second.request_id]
+    spent = int(get_redis().hget(f"gw:{{t{who.tenant_id}}}:lim", "d"))
+    assert spent == 2000 + 1000  # the first settled at its real cost, the second's estimate reserved
+
+
+def test_a_settlement_alone_is_sent_after_the_deferral(tenants, calls):
+    who = principal(tenants, requests_per_minute=10)
+
+    async def scenario():
+        (first,) = await admit_together(who, [1])
+        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await limits.submit(limits.settle_operation(first, 1, Decimal(0), row), defer=True)
+        return loop.time() - started, first.request_id
+
+    waited, request_id = asyncio.run(scenario())
+    assert settings.GATEWAY["REDIS_DEFER_MS"] / 1000 * 0.9 <= waited < 1.0
+    assert len(calls) == 2
+    rows = [json.loads(fields[b"row"]) for _, fields in get_redis().xrange(settings.GATEWAY["USAGE_STREAM"])]
+    assert [r["request_id"] for r in rows].count(request_id) == 1
+
+
+def test_when_redis_is_away_every_operation_of_the_call_fails_as_unavailable(tenants, monkeypatch):
+    who = principal(tenants, requests_per_minute=10)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once the block ends
+    monkeypatch.setattr(settings, "REDIS_URL", f"redis://127.0.0.1:{port}/0")
+
+    async def scenario():
+        prepared = [limits.prepare_admission(who, f"req-{i}", 1, 0) for i in range(3)]
+        return await asyncio.gather(*(limits.submit(op) for _, op in prepared), return_exceptions=True)
+
+    failures = asyncio.run(scenario())
+    assert all(isinstance(f, redis.exceptions.ConnectionError) for f in failures)
+    assert len({id(f) for f in failures}) == 3  # one exception each, not one shared
+    admission, _ = limits.prepare_admission(who, "req-x", 1, 0)
+    with pytest.raises(GatewayError) as caught:
+        limits.finish_admission(admission, failures[0])
+    assert caught.value.status == 503 and caught.value.headers["Retry-After"] == "2"
+
+
+@pytest.mark.parametrize("price_in, price_out", [("0.15", "0.6"), ("2.5", "10"), ("0.075", "0.3"),
+                                                 ("0.0375", "0.15"), ("0", "0"), ("3.0000001", "15")])
+def test_the_reservation_estimate_is_the_exact_cost_rounded_up(price_in, price_out):
+    lane = SimpleNamespace(price_input=Decimal(price_in), price_output=Decimal(price_out))
+    for prompt, completion in [(0, 0), (1, 1), (12, 300), (123_457, 4096)]:
+        exact = (prompt * Decimal(price_in) + completion * Decimal(price_out)) / 1_000_000 * 1_000_000_000
+        assert limits.estimate_nano(lane, prompt, completion) == math.ceil(exact)
