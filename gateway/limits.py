@@ -31,7 +31,7 @@ import orjson
 import redis.exceptions as rx
 from django.conf import settings
 
-from llm_platform.resp import Fragment, get_resp, pack_args, raise_errors
+from llm_platform.resp import get_resp, pack_args, raise_errors
 from tenants.principal import Principal
 
 from .api.errors import GatewayError
@@ -177,18 +177,11 @@ def _refusal(limit: Limit, retry_ms: int, headers: dict) -> GatewayError:
         headers={**headers, "Retry-After": retry})
 
 
-# What fills a script template's gaps, per request.
-_RID, _TOKENS, _ESTIMATE, _DAY_LEFT, _MONTH_LEFT, _REFUND, _DELTA, _ROW = range(8)
-
-
 @dataclass(slots=True)
 class _Plan:
-    """A principal's scopes and both scripts' calls, packed once (the principal is immutable).
-
-    Each request only packs the few values of its own: its id, token cost, estimated spend and
-    the seconds left in each budget period (admission); the refund, the spend correction and the
-    usage row (settlement).
-    """
+    """A principal's scopes, and their limits packed once for lua/limits.lua (the principal is
+    immutable). A call carries each plan once, however many of its requests it admits or
+    settles; an operation carries only its request's own values."""
 
     principal: Principal  # held so that id() stays this principal's while cached
     day: str
@@ -199,23 +192,8 @@ class _Plan:
     slot_keys: list[str]
     keys: bytes = b""  # per scope: hash, slot set (packed)
     n_keys: int = 0
-    admit: Fragment | None = None
-    admit_gaps: list[int] = field(default_factory=list)
-    settle: Fragment | None = None
-    settle_gaps: list[int] = field(default_factory=list)
-
-
-def _operation(kind: str, body: list) -> tuple[Fragment, list[int]]:
-    """One operation's arguments for lua/limits.lua: its kind, its length, then `body`, whose
-    gap markers (`_Gap`) are filled per request. The fragment and the gaps' kinds, in order."""
-    spec = [kind, len(body), *body]
-    holes = [i for i, arg in enumerate(spec) if isinstance(arg, _Gap)]
-    return Fragment(spec, holes), [spec[i].kind for i in holes]
-
-
-@dataclass(frozen=True, slots=True)
-class _Gap:
-    kind: int
+    args: bytes = b""  # the plan's part of the script's arguments (packed)
+    n_args: int = 0
 
 
 _plans: dict[int, _Plan] = {}
@@ -228,33 +206,23 @@ def _plan_for(principal: Principal) -> _Plan:
         return plan
     scopes = _scopes_for(principal)
     ordered, buckets, keys = [], [], []
-    admit: list = [len(scopes), _Gap(_RID), int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)]
-    settle: list = [len(scopes), _Gap(_RID), principal.tenant_id]
+    spec: list = [int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000), principal.tenant_id, len(scopes)]
     for scope in scopes:
         keys += (scope.hash_key, scope.slot_key)
-        admit += (len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
-        tokens = [b for b in scope.buckets if b.header == "tokens"]
-        settle += (len(tokens), 1 if scope.slot_limit else 0, len(scope.budgets), scope.ttl_ms, scope.label)
+        spec += (scope.label, len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
         for bucket in scope.buckets:
-            cost = _Gap(_TOKENS) if bucket.header == "tokens" else 1
-            admit += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), cost)
-        for bucket in tokens:
-            settle += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), _Gap(_REFUND))
+            spec += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), 1 if bucket.header == "tokens" else 0)
         for budget in scope.budgets:
-            left = _Gap(_DAY_LEFT if budget.field == "d" else _MONTH_LEFT)
-            admit += (budget.field, budget.period, budget.limit, _Gap(_ESTIMATE), left)
-            settle += (budget.field, budget.period, budget.limit, _Gap(_DELTA))
+            spec += (budget.field, budget.period, budget.limit)
         ordered += scope.buckets + ([Limit("slots", "", "concurrent requests", scope.label, scope.slot_limit)]
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
-    settle.append(_Gap(_ROW))
     capacities = [b.limit for b in buckets if b.header == "tokens"]
     plan = _Plan(principal, day, scopes, ordered, buckets, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
-        plan.admit, plan.admit_gaps = _operation("a", admit)
-        plan.settle, plan.settle_gaps = _operation("s", settle)
+        plan.args, plan.n_args = pack_args(spec), len(spec)
     if len(_plans) > 10_000:
         _plans.clear()
     _plans[id(principal)] = plan
@@ -276,13 +244,13 @@ class Admission:
 
 
 class Operation(NamedTuple):
-    """One admission or settlement, packed for lua/limits.lua (`submit` sends it)."""
+    """One admission or settlement for lua/limits.lua (`submit` sends it): its plan, and its
+    request's own arguments after the kind and the plan's index (packed)."""
 
-    keys: bytes
-    n_keys: int
-    args: bytes
-    n_args: int
+    plan: _Plan
     settles: bool
+    values: bytes
+    n_values: int
 
 
 def prepare_admission(principal: Principal, request_id: str, tokens: int,
@@ -290,7 +258,7 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
     """The admission operation for this request; (None, None) when the principal has no limits
     (nothing to admit or settle: its usage row is a plain XADD)."""
     plan = _plan_for(principal)
-    if plan.admit is None:
+    if not plan.scopes:
         return None, None
     admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
     if plan.token_capacity is not None and tokens > plan.token_capacity:
@@ -298,9 +266,7 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
                                 "per minute; lower max_tokens or shorten the prompt.",
                            code="request_exceeds_limit", param="max_tokens")
     (_, day_left), (_, month_left) = _current_periods()
-    values = (request_id, tokens, estimate, day_left, month_left)
-    args = plan.admit.fill([values[kind] for kind in plan.admit_gaps])
-    return admission, Operation(plan.keys, plan.n_keys, args, plan.admit.count, False)
+    return admission, Operation(plan, False, pack_args((request_id, tokens, estimate, day_left, month_left)), 5)
 
 
 def finish_admission(admission: Admission, result) -> Admission:
@@ -343,12 +309,10 @@ def alert_stream() -> str:
 
 def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> Operation:
     """Refund or charge tokens, release the slot, settle spend, buffer the row: one operation."""
-    plan = admission.plan
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
-    values = {_RID: admission.request_id, _REFUND: refund, _DELTA: delta, _ROW: orjson.dumps(row, default=str)}
-    args = plan.settle.fill([values[kind] for kind in plan.settle_gaps])
-    return Operation(plan.keys, plan.n_keys, args, plan.settle.count, True)
+    values = pack_args((admission.request_id, refund, delta, orjson.dumps(row, default=str)))
+    return Operation(admission.plan, True, values, 4)
 
 
 def submit(operation: Operation, defer: bool = False) -> asyncio.Future:
@@ -404,16 +368,8 @@ class _Batcher:
         if not batch:
             return
         waiters = [waiter for _, waiter in batch]
-        keys, args = [], [pack_args((len(batch),))]
-        n_keys, n_args = 2, 1
-        for operation, _ in batch:
-            keys.append(operation.keys)
-            args.append(operation.args)
-            n_keys += operation.n_keys
-            n_args += operation.n_args
-        keys.append(pack_args((usage_stream(), alert_stream())))
         try:
-            reply = get_resp().evalsha_now(LIMITS, LIMITS.assemble(n_keys, keys, n_args, args))
+            reply = get_resp().evalsha_now(LIMITS, _call(batch))
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             _deliver(waiters, exc)
             return
@@ -428,6 +384,28 @@ class _Batcher:
 
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
+_HEADS = {(kind, i): pack_args((kind, i)) for kind in "as" for i in range(1, 65)}  # kind, plan index
+
+
+def _call(batch: list[tuple[Operation, asyncio.Future]]) -> bytes:
+    """The EVALSHA of lua/limits.lua for these operations: each plan once, then the operations."""
+    index: dict[int, int] = {}
+    keys, plans, operations = [], [], []
+    n_keys, n_args = 2, 1
+    for operation, _ in batch:
+        plan = operation.plan
+        i = index.get(id(plan))
+        if i is None:
+            i = index[id(plan)] = len(index) + 1
+            keys.append(plan.keys)
+            plans.append(plan.args)
+            n_keys += plan.n_keys
+            n_args += plan.n_args
+        kind = "s" if operation.settles else "a"
+        operations += (_HEADS.get((kind, i)) or pack_args((kind, i)), operation.values)
+        n_args += 2 + operation.n_values
+    keys.append(pack_args((usage_stream(), alert_stream())))
+    return LIMITS.assemble(n_keys, keys, n_args, [pack_args((len(index),)), *plans, *operations])
 
 
 def _outcome(done: asyncio.Future):

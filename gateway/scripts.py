@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from llm_platform.resp import Script, Template, get_resp, raise_errors
+from llm_platform.resp import Script, get_resp, raise_errors
 
-__all__ = ["LuaScript", "ScriptCall", "Template", "run_scripts"]
+__all__ = ["LuaScript", "ScriptCall", "run_scripts"]
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -32,7 +32,7 @@ class LuaScript(Script):
 
 
 class ScriptCall(NamedTuple):
-    """One prepared script invocation, packed (`LuaScript.call`, or a template's `fill`)."""
+    """One prepared script invocation, packed (`LuaScript.call`)."""
 
     script: Script
     data: bytes

@@ -87,12 +87,8 @@ class Script:
         _pack_into(out, (len(keys), *keys, *args))
         return b"".join(out)
 
-    def template(self, keys: list, args: list, holes: list[int]) -> Template:
-        """A call whose arguments are fixed but those at `holes`: packed once, filled per call."""
-        return Template(self, keys, args, holes)
-
     def assemble(self, n_keys: int, keys: list[bytes], n_args: int, args: list[bytes]) -> bytes:
-        """The EVALSHA command from keys and arguments already packed (`pack_args`, `Fragment`):
+        """The EVALSHA command from keys and arguments already packed (`pack_args`):
         `n_keys` keys in `keys`, `n_args` arguments in `args`."""
         return b"".join((b"*%d\r\n" % (3 + n_keys + n_args), self._head, pack_args((n_keys,)), *keys, *args))
 
@@ -105,50 +101,6 @@ def pack_args(args) -> bytes:
     out: list[bytes] = []
     _pack_into(out, args)
     return b"".join(out)
-
-
-class Fragment:
-    """Arguments packed once with gaps: `fill(values)` packs only the values of the gaps.
-    `count` is the number of arguments."""
-
-    __slots__ = ("count", "_pieces")
-
-    def __init__(self, args: list, holes: list[int], prefix: bytes = b""):
-        out = [prefix]
-        gaps = set(holes)
-        pieces: list[bytes | None] = []
-        for i, arg in enumerate(args):
-            if i in gaps:
-                pieces += (b"".join(out), None)
-                out = []
-            else:
-                _pack_into(out, (arg,))
-        pieces.append(b"".join(out))
-        self.count = len(args)
-        self._pieces = pieces
-
-    def fill(self, values) -> bytes:
-        """The arguments with `values` in the gaps, in order."""
-        out: list[bytes] = []
-        filling = iter(values)
-        for piece in self._pieces:
-            if piece is None:
-                _pack_into(out, (next(filling),))
-            else:
-                out.append(piece)
-        return b"".join(out)
-
-
-class Template(Fragment):
-    """A whole EVALSHA packed once with gaps: `fill(values)` is the command."""
-
-    __slots__ = ("script",)
-
-    def __init__(self, script: Script, keys: list, args: list, holes: list[int]):
-        head = [b"*%d\r\n" % (3 + len(keys) + len(args)), script._head]
-        _pack_into(head, (len(keys), *keys))
-        super().__init__(args, holes, b"".join(head))
-        self.script = script
 
 
 def raise_errors(replies: list) -> list:
@@ -392,7 +344,7 @@ class RespClient:
         return await self.evalsha_packed([(script, script.pack(keys, args)) for script, keys, args in calls], defer)
 
     async def evalsha_packed(self, calls: list[tuple[Script, bytes]], defer: bool = False) -> list:
-        """Run packed script calls (`Script.pack`, `Template.fill`) in one write; error replies
+        """Run packed script calls (`Script.pack`, `Script.assemble`) in one write; error replies
         come back in place, not raised.
 
         `defer`: the write may wait up to `defer_s` for another request to share it (work no

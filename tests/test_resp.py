@@ -20,7 +20,7 @@ from redis.asyncio.connection import parse_url
 
 from llm_platform.embedded import free_port
 from llm_platform.redis import get_redis
-from llm_platform.resp import Fragment, RespClient, Script, get_resp, pack_args
+from llm_platform.resp import RespClient, Script, get_resp, pack_args
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 REDIS = parse_url(settings.REDIS_URL)
@@ -365,11 +365,8 @@ def test_scripts_are_loaded_again_after_script_flush(run, prefix):
 def test_a_command_assembled_from_packed_pieces_is_the_packed_command():
     script = Script(ECHO_LUA)
     keys, args = ["k1", "k2"], [10**19, 1 / 3, b"\x00raw", "a", 7]
-    fragment = Fragment(args, holes=[1, 4])
-    assert fragment.count == 5
-    pieces = [fragment.fill([0.25, 8]), pack_args(["tail"])]
-    assembled = script.assemble(2, [pack_args(keys)], 6, pieces)
-    assert assembled == script.pack(keys, [10**19, 0.25, b"\x00raw", "a", 8, "tail"])
+    assembled = script.assemble(2, [pack_args(keys[:1]), pack_args(keys[1:])], 6, [pack_args(args), pack_args(["tail"])])
+    assert assembled == script.pack(keys, [*args, "tail"])
 
 
 def test_evalsha_now_writes_at_once_and_loads_a_flushed_script(run, prefix):
