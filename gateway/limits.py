@@ -337,7 +337,7 @@ class _Batcher:
     iteration, as before; a busy one sends one call per round trip instead of one per request,
     which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
 
-    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight")
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight", "overdue")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -346,6 +346,7 @@ class _Batcher:
         self.soon = False  # a call is due at the end of this loop iteration
         self.later: asyncio.TimerHandle | None = None  # a call of deferred settlements is due
         self.inflight = 0  # calls sent, not answered
+        self.overdue = False  # deferred settlements are due, a call being in flight
 
     def submit(self, operation: Operation, defer: bool) -> asyncio.Future:
         waiter = self.loop.create_future()
@@ -355,11 +356,20 @@ class _Batcher:
                 self.soon = True
                 self.loop.call_soon(self.flush)
         elif not self.soon and self.later is None:
-            self.later = self.loop.call_later(settings.GATEWAY["REDIS_DEFER_MS"] / 1000, self.flush)
+            self.later = self.loop.call_later(settings.GATEWAY["REDIS_DEFER_MS"] / 1000, self.due)
         return waiter
 
+    def due(self) -> None:
+        """Deferred settlements waited long enough: they go now, or with the next call if one
+        is in flight."""
+        self.later = None
+        if self.inflight == 0:
+            self.flush()
+        else:
+            self.overdue = True
+
     def flush(self) -> None:
-        self.soon = False
+        self.soon = self.overdue = False
         if self.later is not None:
             self.later.cancel()
             self.later = None
@@ -379,8 +389,9 @@ class _Batcher:
     def answered(self, waiters: list[asyncio.Future], done: asyncio.Future) -> None:
         self.inflight -= 1
         _deliver(waiters, _outcome(done))
-        if self.admits and not self.soon and self.inflight == 0:
-            self.flush()
+        if (self.admits or self.overdue) and not self.soon and self.inflight == 0:
+            self.soon = True  # at the end of this iteration, with whatever arrives meanwhile
+            self.loop.call_soon(self.flush)
 
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
