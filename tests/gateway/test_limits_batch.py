@@ -97,6 +97,32 @@ def test_admissions_arriving_while_a_call_is_in_flight_go_out_together_after_it(
     assert isinstance(results[4], GatewayError) and results[4].status == 429
 
 
+def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, monkeypatch):
+    who = principal(tenants, requests_per_minute=10)
+    monkeypatch.setitem(settings.GATEWAY, "REDIS_DEFER_MS", 0.0)  # due at the next iteration
+    in_flight_at_each_call: list[int] = []
+    real = resp.RespClient.evalsha_now
+
+    def noting(self, script, data):
+        in_flight_at_each_call.append(limits._batchers[asyncio.get_running_loop()].inflight)
+        return real(self, script, data)
+
+    monkeypatch.setattr(resp.RespClient, "evalsha_now", noting)
+
+    async def scenario():
+        (first,) = await admit_together(who, [1])
+        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        admission, operation = limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", 1, 0)
+        admitted = limits.submit(operation)
+        await asyncio.sleep(0)  # the admission's call is written and in flight
+        settled = limits.submit(limits.settle_operation(first, 1, Decimal(0), row), defer=True)
+        return await settled, await admitted
+
+    alerts, reply = asyncio.run(scenario())
+    assert alerts == 0 and reply[0] == 1
+    assert in_flight_at_each_call == [0, 0, 0]  # the settlement went after the reply, not alongside
+
+
 def test_a_settlement_frees_its_slot_for_an_admission_in_the_same_call(tenants, calls):
     who = principal(tenants, max_concurrent=1, daily_budget_usd=Decimal("5"))
 
