@@ -373,10 +373,12 @@ class _Batcher:
         if self.later is not None:
             self.later.cancel()
             self.later = None
-        batch = self.settles + self.admits
+        queued = self.settles + self.admits
         self.settles, self.admits = [], []
-        if not batch:
-            return
+        for start in range(0, len(queued), MAX_CALL_OPERATIONS):  # a burst must not hold Redis long
+            self.send(queued[start:start + MAX_CALL_OPERATIONS])
+
+    def send(self, batch: list[tuple[Operation, asyncio.Future]]) -> None:
         waiters = [waiter for _, waiter in batch]
         try:
             reply = get_resp().evalsha_now(LIMITS, _call(batch))
@@ -395,6 +397,7 @@ class _Batcher:
 
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
+MAX_CALL_OPERATIONS = 64  # per script call: ~1-2 ms of Redis time at most, then other clients' turn
 _HEADS = {(kind, i): pack_args((kind, i)) for kind in "as" for i in range(1, 65)}  # kind, plan index
 
 

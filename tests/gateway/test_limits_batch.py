@@ -67,6 +67,15 @@ def test_admissions_in_one_call_each_see_the_ones_before(tenants, calls):
     assert all("requests per minute" in r.message for r in refused)
 
 
+def test_a_burst_is_split_into_calls_of_bounded_size(tenants, calls):
+    who = principal(tenants, requests_per_minute=100, max_concurrent=1000)
+    results = asyncio.run(admit_together(who, [1] * (2 * limits.MAX_CALL_OPERATIONS + 5)))
+    assert len(calls) == 3
+    admitted = [r for r in results if isinstance(r, limits.Admission)]
+    assert len(admitted) == 100  # exactly the bucket, across the three calls
+    assert sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in admitted) == list(range(100))
+
+
 def test_a_refusal_amid_a_call_leaves_the_others_alone(tenants, calls):
     who = principal(tenants, tokens_per_minute=100)
     results = asyncio.run(admit_together(who, [60, 60, 30]))
