@@ -194,6 +194,7 @@ class _Plan:
     n_keys: int = 0
     args: bytes = b""  # the plan's part of the script's arguments (packed)
     n_args: int = 0
+    header_buckets: list[tuple[str, int, Limit]] = field(default_factory=list)  # (kind, position, bucket)
 
 
 _plans: dict[int, _Plan] = {}
@@ -220,6 +221,7 @@ def _plan_for(principal: Principal) -> _Plan:
     capacities = [b.limit for b in buckets if b.header == "tokens"]
     plan = _Plan(principal, day, scopes, ordered, buckets, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
+    plan.header_buckets = [(bucket.header, i, bucket) for i, bucket in enumerate(buckets) if bucket.header]
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
         plan.args, plan.n_args = pack_args(spec), len(spec)
@@ -275,22 +277,21 @@ def finish_admission(admission: Admission, result) -> Admission:
         raise unavailable() from None
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
-    admission.headers = _headers(admission.plan.buckets, result)
+    admission.headers = _headers(admission.plan.header_buckets, result)
     return admission
 
 
-def _headers(buckets: list[Limit], values: list) -> dict[str, str]:
+def _headers(header_buckets: list[tuple[str, int, Limit]], values: list) -> dict[str, str]:
     """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key).
 
-    `values` is the script's answer: 1, then remaining and reset (ms) for each bucket."""
+    `header_buckets`: (kind, position, bucket) of the buckets that feed a header; `values` is
+    the script's answer: 1, then remaining and reset (ms) for each bucket."""
     chosen: dict[str, tuple[Limit, int, int]] = {}
-    for i, bucket in enumerate(buckets):
-        if not bucket.header:
-            continue
+    for kind, i, bucket in header_buckets:
         remaining = values[2 * i + 1]
-        best = chosen.get(bucket.header)
+        best = chosen.get(kind)
         if best is None or remaining < best[1]:
-            chosen[bucket.header] = (bucket, remaining, values[2 * i + 2])
+            chosen[kind] = (bucket, remaining, values[2 * i + 2])
     headers = {}
     for kind, (bucket, remaining, reset_ms) in chosen.items():
         headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)

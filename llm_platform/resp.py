@@ -42,7 +42,7 @@ def _pack_into(out: list, args) -> None:
         if kind is str:
             arg = arg.encode()
         elif kind is int:
-            arg = str(arg).encode()
+            arg = b"%d" % arg
         elif kind is float:
             arg = repr(arg).encode()  # the shortest string that reads back as the same float
         elif kind is not bytes:
