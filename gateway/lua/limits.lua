@@ -135,7 +135,7 @@ local function admit(plan, rid, tokens, estimate, day_left, month_left)
         return {0, index, (m.day and day_left or month_left) * 1000}
       end
       set[#set + 1] = m.f
-      set[#set + 1] = string.format('%d', spent + estimate)
+      set[#set + 1] = spent + estimate
     end
     writes[s] = set
   end
@@ -176,7 +176,7 @@ local function settle(plan, rid, refund, delta, row)
       if h.f[m.p] == m.period then
         local spent = (tonumber(h.f[m.f]) or 0) + delta
         if delta ~= 0 then
-          put(h, m.f, string.format('%d', spent))
+          put(h, m.f, spent)
           wrote = true
         end
         local raised = tonumber(h.f[m.al]) or 0
@@ -219,8 +219,10 @@ end
 for key, h in pairs(hashes) do
   local set = {}
   for f in pairs(h.dirty) do
+    local v = h.f[f]
+    if f == 'd' or f == 'm' then v = string.format('%d', v) end  -- money: exact integers
     set[#set + 1] = f
-    set[#set + 1] = h.f[f]
+    set[#set + 1] = v
   end
   if #set > 0 then
     redis.call('HSET', key, unpack(set))
