@@ -437,6 +437,8 @@ def _deliver(waiters: list[asyncio.Future], outcome) -> None:
             continue
         if isinstance(outcome, BaseException):
             waiter.set_exception(type(outcome)(*outcome.args))
+        elif isinstance(outcome[i], Exception):  # that operation's own error; the others went on
+            waiter.set_exception(outcome[i])
         else:
             waiter.set_result(outcome[i])
 

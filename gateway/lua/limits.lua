@@ -203,15 +203,23 @@ local function settle(plan, rid, refund, delta, row)
   return alerts
 end
 
+-- An operation that fails (a key of the wrong type, say) answers an error of its own; the others
+-- in the call go on.
+local function answer(ok, reply)
+  if ok then return reply end
+  if type(reply) == 'table' and reply.err then return reply end
+  return {err = tostring(reply)}
+end
+
 local replies = {}
 while a <= #A do
   local plan = plans[tonumber(A[a + 1])]
   if A[a] == 'a' then
-    replies[#replies + 1] = admit(plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), tonumber(A[a + 5]),
-                                  tonumber(A[a + 6]))
+    replies[#replies + 1] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
+                                         tonumber(A[a + 5]), tonumber(A[a + 6])))
     a = a + 7
   else
-    replies[#replies + 1] = settle(plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5])
+    replies[#replies + 1] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
     a = a + 6
   end
 end

@@ -132,6 +132,22 @@ def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, m
     assert in_flight_at_each_call == [0, 0, 0]  # the settlement went after the reply, not alongside
 
 
+def test_an_operation_that_fails_in_redis_fails_alone(tenants, calls):
+    broken, healthy = principal(tenants, requests_per_minute=10), principal(tenants, requests_per_minute=10)
+    get_redis().set(f"gw:{{t{broken.tenant_id}}}:lim", "not a hash")  # what a stray write would leave
+
+    async def scenario():
+        prepared = [limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", 1, 0) for who in (healthy, broken, healthy)]
+        replies = await asyncio.gather(*(limits.submit(op) for _, op in prepared), return_exceptions=True)
+        return [outcome(admission, reply) for (admission, _), reply in zip(prepared, replies, strict=True)]
+
+    first, failed, second = asyncio.run(scenario())
+    assert len(calls) == 1
+    assert isinstance(failed, GatewayError) and failed.status == 503
+    assert [first.headers["x-ratelimit-remaining-requests"], second.headers["x-ratelimit-remaining-requests"]] == ["9", "8"]
+    assert get_redis().hget(f"gw:{{t{healthy.tenant_id}}}:lim", "rpm") is not None  # the others' state was written
+
+
 def test_a_settlement_frees_its_slot_for_an_admission_in_the_same_call(tenants, calls):
     who = principal(tenants, max_concurrent=1, daily_budget_usd=Decimal("5"))
 
