@@ -22,6 +22,7 @@ import asyncio
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -316,17 +317,23 @@ def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row:
     return Operation(admission.plan, True, values, 4)
 
 
-def submit(operation: Operation, defer: bool = False) -> asyncio.Future:
+def submit(operation: Operation, defer: bool = False,
+           abandoned: Callable[[list], None] | None = None) -> asyncio.Future:
     """Queue an operation for this loop's next call of lua/limits.lua; its reply as a future
     (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS for an
-    admission to ride with (settlements: no client waits for them)."""
+    admission to ride with (settlements: no client waits for them). `abandoned(reply)` is
+    called with the reply when the future was cancelled before it came (its caller is gone,
+    but Redis ran the operation)."""
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None:
         for old in [old for old in _batchers if old.is_closed()]:
             del _batchers[old]
         batcher = _batchers[loop] = _Batcher(loop)
-    return batcher.submit(operation, defer)
+    return batcher.submit(operation, defer, abandoned)
+
+
+_Queued = tuple[Operation, asyncio.Future, Callable[[list], None] | None]
 
 
 class _Batcher:
@@ -342,16 +349,16 @@ class _Batcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.settles: list[tuple[Operation, asyncio.Future]] = []
-        self.admits: list[tuple[Operation, asyncio.Future]] = []
+        self.settles: list[_Queued] = []
+        self.admits: list[_Queued] = []
         self.soon = False  # a call is due at the end of this loop iteration
         self.later: asyncio.TimerHandle | None = None  # a call of deferred settlements is due
         self.inflight = 0  # calls sent, not answered
         self.overdue = False  # deferred settlements are due, a call being in flight
 
-    def submit(self, operation: Operation, defer: bool) -> asyncio.Future:
+    def submit(self, operation: Operation, defer: bool, abandoned: Callable[[list], None] | None) -> asyncio.Future:
         waiter = self.loop.create_future()
-        (self.settles if operation.settles else self.admits).append((operation, waiter))
+        (self.settles if operation.settles else self.admits).append((operation, waiter, abandoned))
         if not defer:
             if not self.soon and self.inflight == 0:
                 self.soon = True
@@ -379,19 +386,18 @@ class _Batcher:
         for start in range(0, len(queued), MAX_CALL_OPERATIONS):  # a burst must not hold Redis long
             self.send(queued[start:start + MAX_CALL_OPERATIONS])
 
-    def send(self, batch: list[tuple[Operation, asyncio.Future]]) -> None:
-        waiters = [waiter for _, waiter in batch]
+    def send(self, batch: list[_Queued]) -> None:
         try:
             reply = get_resp().evalsha_now(LIMITS, _call(batch))
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
-            _deliver(waiters, exc)
+            _deliver(batch, exc)
             return
         self.inflight += 1
-        reply.add_done_callback(lambda done: self.answered(waiters, done))
+        reply.add_done_callback(lambda done: self.answered(batch, done))
 
-    def answered(self, waiters: list[asyncio.Future], done: asyncio.Future) -> None:
+    def answered(self, batch: list[_Queued], done: asyncio.Future) -> None:
         self.inflight -= 1
-        _deliver(waiters, _outcome(done))
+        _deliver(batch, _outcome(done))
         if (self.admits or self.overdue) and not self.soon and self.inflight == 0:
             self.soon = True  # at the end of this iteration, with whatever arrives meanwhile
             self.loop.call_soon(self.flush)
@@ -402,12 +408,12 @@ MAX_CALL_OPERATIONS = 64  # per script call: ~1-2 ms of Redis time at most, then
 _HEADS = {(kind, i): pack_args((kind, i)) for kind in "as" for i in range(1, 65)}  # kind, plan index
 
 
-def _call(batch: list[tuple[Operation, asyncio.Future]]) -> bytes:
+def _call(batch: list[_Queued]) -> bytes:
     """The EVALSHA of lua/limits.lua for these operations: each plan once, then the operations."""
     index: dict[int, int] = {}
     keys, plans, operations = [], [], []
     n_keys, n_args = 2, 1
-    for operation, _ in batch:
+    for operation, _, _ in batch:
         plan = operation.plan
         i = index.get(id(plan))
         if i is None:
@@ -430,10 +436,12 @@ def _outcome(done: asyncio.Future):
     return done.exception() or done.result()
 
 
-def _deliver(waiters: list[asyncio.Future], outcome) -> None:
+def _deliver(batch: list[_Queued], outcome) -> None:
     """Each operation's reply to its waiter, or the call's failure to every waiter."""
-    for i, waiter in enumerate(waiters):
+    for i, (_, waiter, abandoned) in enumerate(batch):
         if waiter.done():  # its caller was cancelled
+            if abandoned is not None and not isinstance(outcome, BaseException):
+                abandoned(outcome[i])
             continue
         if isinstance(outcome, BaseException):
             waiter.set_exception(type(outcome)(*outcome.args))

@@ -83,6 +83,7 @@ class ChatCall:
         self._earlier_usage: list[Usage] = []
         self._first_ticket: resilience.Ticket | resilience.Unavailable | None = None
         self._reports: list[ScriptCall] = []
+        self._called = False  # a provider call was started
         self.schema = schema_of(req)
 
     def preflight(self) -> None:
@@ -127,7 +128,7 @@ class ChatCall:
             estimate = limits.estimate_nano(self.lane, self.prompt_tokens, self.reserve_tokens)
             admission, operation = limits.prepare_admission(self.principal, self.ctx.request_id, tokens, estimate)
             if operation is not None:
-                admitted = limits.submit(operation)
+                admitted = limits.submit(operation, abandoned=lambda reply: _background(self._give_back(admission, reply)))
         trusted = resilience.trusted_ticket(self.route.lanes[0]) if resilience_enabled() else None
         if trusted is not None:
             self._first_ticket = trusted
@@ -154,6 +155,17 @@ class ChatCall:
                     await resilience.report(self._first_ticket, "limited", "refused at admission")
                 raise
         self.admission = admission
+
+    async def _give_back(self, admission: limits.Admission, reply) -> None:
+        """The client left while Redis was admitting it: give back what the admission reserved
+        (the slot, the tokens, the estimated spend); the usage row says 499, nothing used."""
+        try:
+            limits.finish_admission(admission, reply)
+        except GatewayError:
+            return  # refused: nothing was reserved
+        self.admission = admission
+        self.status, self.error_code = CLIENT_GONE, "client_disconnected"
+        await self.settle()
 
     def response_headers(self) -> dict[str, str]:
         headers = dict(self.admission.headers) if self.admission else {}
@@ -194,7 +206,7 @@ class ChatCall:
             for attempt in range(ticket.policy.retry.max_attempts):
                 if tried_any:
                     self.retries += 1
-                tried_any = True
+                tried_any = self._called = True
                 self._next_lane = False
                 yield ticket
                 error = self._last_error
@@ -368,6 +380,8 @@ class ChatCall:
         if self.outcome.usage is not None:
             return self.outcome.usage
         if self.outcome.first_token_at is None and self.status >= 400 and self.status != CLIENT_GONE:
+            return Usage()
+        if not self._called:  # no provider saw the prompt
             return Usage()
         prompt = self.prompt_tokens or count_messages(self.req.messages, self.lane.upstream_model, self.req.tools)
         text = "".join(self.outcome.completion_text_parts or ())

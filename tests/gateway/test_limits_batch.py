@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import socket
+import time
 import uuid
 from decimal import Decimal
 from types import SimpleNamespace
@@ -216,3 +217,47 @@ def test_the_reservation_estimate_is_the_exact_cost_rounded_up(price_in, price_o
     for prompt, completion in [(0, 0), (1, 1), (12, 300), (123_457, 4096)]:
         exact = (prompt * Decimal(price_in) + completion * Decimal(price_out)) / 1_000_000 * 1_000_000_000
         assert limits.estimate_nano(lane, prompt, completion) == math.ceil(exact)
+
+
+def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes, tenants, monkeypatch):
+    from gateway import routing, service
+    from gateway.api.validation import validate_chat
+
+    who = principal(tenants, max_concurrent=1, tokens_per_minute=10_000, daily_budget_usd=Decimal("5"))
+    # The route table read here, in this thread (not in an executor thread of the loop below).
+    monkeypatch.setattr(routing.routes, "_table", routing.load_table())
+    monkeypatch.setattr(routing.routes, "_expires", time.monotonic() + 60)
+    real_flush = limits._Batcher.flush
+
+    def late_flush(self):  # the call leaves a moment later: time for the client to hang up
+        self.loop.call_later(0.1, real_flush, self)
+
+    async def scenario():
+        monkeypatch.setattr(limits._Batcher, "flush", late_flush)
+        req = validate_chat({"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
+        ctx = service.CallContext(request_id=f"req-{uuid.uuid4().hex}")
+
+        async def client():
+            async with service.open_call(who, req, ctx):
+                raise AssertionError("admitted while cancelled")
+
+        task = asyncio.ensure_future(client())
+        await asyncio.sleep(0.02)  # the admission is queued, not yet answered
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(limits._Batcher, "flush", real_flush)
+        await asyncio.sleep(0.3)  # Redis admits it; the reservation is given back
+        await asyncio.gather(*service._settling)
+        return ctx.request_id
+
+    request_id = asyncio.run(scenario())
+    r = get_redis()
+    assert r.zcard(f"gw:{{t{who.tenant_id}}}:conc") == 0  # the slot is free again
+    state = {k.decode(): v.decode() for k, v in r.hgetall(f"gw:{{t{who.tenant_id}}}:lim").items()}
+    assert float(state["tpm"]) >= 10_000 - 1  # every reserved token back (plus refill)
+    assert int(state["d"]) == 0  # the estimated spend too
+    rows = [json.loads(f[b"row"]) for _, f in r.xrange(settings.GATEWAY["USAGE_STREAM"])]
+    (row,) = [row for row in rows if row["request_id"] == request_id]
+    assert (row["http_status"], row["error_code"], row["prompt_tokens"], row["completion_tokens"]) == (
+        499, "client_disconnected", 0, 0)
