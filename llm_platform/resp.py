@@ -305,6 +305,7 @@ class RespClient:
         self._host: str = options.get("host") or "localhost"
         self._port: int = int(options.get("port") or 6379)
         self._tls = options.get("connection_class") is SSLConnection
+        self._tls_options = {k: v for k, v in options.items() if k.startswith("ssl_")}
         self._username: str | None = options.get("username")
         self._password: str | None = options.get("password")
         self._db = int(options.get("db") or 0)
@@ -423,7 +424,7 @@ class RespClient:
                     await loop.create_unix_connection(lambda: conn, self._path)
                 else:
                     if self._tls and self._ssl_context is None:
-                        self._ssl_context = ssl.create_default_context()
+                        self._ssl_context = tls_context(self._tls_options)
                     await loop.create_connection(
                         lambda: conn, self._host, self._port,
                         ssl=self._ssl_context if self._tls else None,
@@ -462,6 +463,28 @@ class RespClient:
     def _closed(self, conn: _Connection) -> None:
         if self._conn is conn:
             self._conn = None
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(options: dict) -> ssl.SSLContext:
+    """The TLS context a `rediss://` URL asks for, read as redis-py reads it, so that the hot
+    path connects wherever the rest of the platform does: `ssl_cert_reqs` (none, optional,
+    required: the default), `ssl_ca_certs`, `ssl_ca_path`, `ssl_certfile` + `ssl_keyfile` (a
+    client certificate), `ssl_check_hostname` (default: on when certificates are required)."""
+    reqs = str(options.get("ssl_cert_reqs") or "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs must be none, optional or required, not {reqs!r}")
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"), capath=options.get("ssl_ca_path"))
+    if _CERT_REQS[reqs] == ssl.CERT_NONE:
+        context.check_hostname = False
+    elif options.get("ssl_check_hostname") is not None:
+        context.check_hostname = bool(options["ssl_check_hostname"])
+    context.verify_mode = _CERT_REQS[reqs]
+    if options.get("ssl_certfile"):
+        context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return context
 
 
 def _chain(source: asyncio.Future, target: asyncio.Future) -> None:

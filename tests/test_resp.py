@@ -7,6 +7,9 @@ misbehave on purpose are small RESP stubs started in the test; everything else i
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import ssl
 import tempfile
 import time
 import uuid
@@ -51,17 +54,18 @@ class Stub:
     With `then_proxy`, connections after the first are piped to the real Redis.
     """
 
-    def __init__(self, answer=lambda command: None, then_proxy: bool = False):
+    def __init__(self, answer=lambda command: None, then_proxy: bool = False, proxy: bool = False):
         self.answer = answer
         self.then_proxy = then_proxy
+        self.proxy = proxy  # every connection piped to the real Redis
         self.commands: list[list[bytes]] = []
         self.connections = 0
         self.hung_up = 0  # connections the client closed
         self.server: asyncio.AbstractServer | None = None
 
-    async def start_tcp(self) -> int:
+    async def start_tcp(self, tls: ssl.SSLContext | None = None) -> int:
         port = free_port()
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port, ssl=tls)
         return port
 
     async def start_unix(self, path: str) -> None:
@@ -72,7 +76,7 @@ class Stub:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        if self.then_proxy and self.connections > 1:
+        if self.proxy or (self.then_proxy and self.connections > 1):
             return await self._proxy(reader, writer)
         parser = hiredis.Reader()
         try:
@@ -598,3 +602,106 @@ def test_get_resp_gives_one_client_per_event_loop(run, prefix):
     first, second = run(main()), run(main())
     assert first is not second
     assert get_redis().get(prefix + "n") == b"2"
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def issue(name: str, key, issuer_name, issuer_key, extensions) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def save(name: str, key, cert: x509.Certificate) -> None:
+        (folder / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
+    ca = issue("gateway test CA", ca_key, ca_name, ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    save("ca", ca_key, ca)
+    for name, extensions in [
+        ("server", [(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)]),
+        ("client", []),
+    ]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        save(name, key, issue(name, key, ca_name, ca_key, extensions))
+    return folder
+
+
+def tls_server(certificates, client_certificates: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificates / "server.pem", certificates / "server.key")
+    if client_certificates:
+        context.load_verify_locations(certificates / "ca.pem")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def ping_each(urls: list[str]) -> list:
+    """PING through each URL: the reply, or the exception."""
+    out = []
+    for url in urls:
+        client = RespClient(url)
+        try:
+            out.append(await client.execute("PING"))
+        except rx.RedisError as exc:
+            out.append(exc)
+        finally:
+            await client.aclose()
+    return out
+
+
+def test_rediss_urls_are_read_as_redis_py_reads_them(run, certificates):
+    async def main():
+        stub = Stub(proxy=True)  # TLS in front of the real Redis
+        port = await stub.start_tcp(tls_server(certificates))
+        try:
+            base = f"rediss://127.0.0.1:{port}/0"
+            return await ping_each([f"{base}?ssl_ca_certs={certificates / 'ca.pem'}",
+                                    f"{base}?ssl_cert_reqs=none",
+                                    base])
+        finally:
+            await stub.stop()
+
+    trusted, unverified, unknown_ca = run(main())
+    assert (trusted, unverified) == (b"PONG", b"PONG")
+    assert isinstance(unknown_ca, rx.ConnectionError) and "certificate verify failed" in str(unknown_ca).lower()
+
+
+def test_a_client_certificate_from_the_url_is_presented(run, certificates):
+    async def main():
+        stub = Stub(proxy=True)
+        port = await stub.start_tcp(tls_server(certificates, client_certificates=True))
+        try:
+            base = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={certificates / 'ca.pem'}"
+            return await ping_each([f"{base}&ssl_certfile={certificates / 'client.pem'}"
+                                    f"&ssl_keyfile={certificates / 'client.key'}",
+                                    base])
+        finally:
+            await stub.stop()
+
+    with_certificate, without = run(main())
+    assert with_certificate == b"PONG"
+    assert isinstance(without, rx.ConnectionError)
+
+
+def test_an_unknown_ssl_cert_reqs_is_refused_clearly():
+    from llm_platform.resp import tls_context
+
+    with pytest.raises(ValueError, match="ssl_cert_reqs must be none, optional or required"):
+        tls_context({"ssl_cert_reqs": "sometimes"})
+    assert tls_context({"ssl_cert_reqs": "optional"}).verify_mode == ssl.CERT_OPTIONAL
+    assert tls_context({"ssl_check_hostname": False}).check_hostname is False
