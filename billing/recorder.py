@@ -6,10 +6,10 @@ deduplicated by request id, so a crash anywhere loses no row and writes none twi
 A row that cannot reach Redis (an outage) goes to a spool file on local disk instead
 (`GW_USAGE_SPOOL_DIR`), one JSON line per row, and `flush_pending` (every second) sends the
 spool to Redis once it answers (and first makes the rows durable: one fsync a second, off the
-event loop, so a power cut loses at most the last second). Each process appends to a file of its own and holds an
-exclusive `flock` on it while it lives; a file whose lock can be taken belongs to a process
-that died, and the next process to look sends its rows too. Rows sent twice (a crash between
-the XADD and the file's removal) are dropped by the writer.
+event loop, so a power cut loses at most the last second). Each process appends to a file of
+its own and holds an exclusive `flock` on it while it lives; a file whose lock can be taken
+belongs to a process that died, and the next process to look sends its rows too. Rows sent
+twice (a crash between the XADD and the file's removal) are dropped by the writer.
 """
 
 from __future__ import annotations

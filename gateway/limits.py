@@ -188,7 +188,6 @@ class _Plan:
     day: str
     scopes: list[Scope]
     ordered: list[Limit]  # every limit in the script's refusal-index order
-    buckets: list[Limit]  # in the order the script reports remaining/reset
     token_capacity: int | None  # the smallest tokens-per-minute bucket
     slot_keys: list[str]
     keys: bytes = b""  # per scope: hash, slot set (packed)
@@ -220,8 +219,9 @@ def _plan_for(principal: Principal) -> _Plan:
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
     capacities = [b.limit for b in buckets if b.header == "tokens"]
-    plan = _Plan(principal, day, scopes, ordered, buckets, min(capacities) if capacities else None,
+    plan = _Plan(principal, day, scopes, ordered, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
+    # The script reports remaining/reset for every bucket, in this order.
     plan.header_buckets = [(bucket.header, i, bucket) for i, bucket in enumerate(buckets) if bucket.header]
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
@@ -405,7 +405,7 @@ class _Batcher:
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
 MAX_CALL_OPERATIONS = 64  # per script call: ~1-2 ms of Redis time at most, then other clients' turn
-_HEADS = {(kind, i): pack_args((kind, i)) for kind in "as" for i in range(1, 65)}  # kind, plan index
+_HEADS = {(kind, i): pack_args((kind, i)) for kind in "as" for i in range(1, MAX_CALL_OPERATIONS + 1)}  # kind, plan index
 
 
 def _call(batch: list[_Queued]) -> bytes:
@@ -455,8 +455,10 @@ async def refresh_slots(admissions: list[Admission]) -> None:
     """Keep long calls' concurrency slots alive (slots expire so dead workers free them)."""
     ttl_ms = int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)
     expiry = int(time.time() * 1000) + ttl_ms
-    commands = []
+    commands, keys = [], set()
     for admission in admissions:
         for key in admission.slot_keys:
-            commands += (("ZADD", key, "XX", expiry, admission.request_id), ("PEXPIRE", key, ttl_ms + 60_000))
+            commands.append(("ZADD", key, "XX", expiry, admission.request_id))
+            keys.add(key)
+    commands += [("PEXPIRE", key, ttl_ms + 60_000) for key in keys]  # once per set, not per call in it
     raise_errors(await get_resp().execute_many(commands))
