@@ -21,7 +21,8 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
 @admin.register(BudgetAlert)
 class BudgetAlertAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "tenant", "scope", "period", "threshold", "spent_usd", "cap_usd", "delivered_at")
+    list_display = ("created_at", "tenant", "scope", "api_key", "period", "threshold", "spent_usd", "cap_usd",
+                    "delivered_at")
     list_filter = ("threshold", "scope", "tenant")
     readonly_fields = [f.name for f in BudgetAlert._meta.fields]
 

@@ -47,6 +47,10 @@ class BudgetAlert(models.Model):
 
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="budget_alerts")
     scope = models.CharField(max_length=16)  # "tenant" or "key"
+    # The key whose own cap it is (scope "key"); none for the tenant's cap. Each key's cap
+    # alerts once per period, however many of the tenant's keys cross theirs.
+    api_key = models.ForeignKey("tenants.ApiKey", null=True, blank=True, on_delete=models.CASCADE,
+                                related_name="budget_alerts")
     period = models.CharField(max_length=16)  # "2026-11-22" (daily) or "2026-11" (monthly)
     threshold = models.PositiveSmallIntegerField()  # 80 or 100
     spent_usd = models.DecimalField(max_digits=18, decimal_places=9)
@@ -57,8 +61,10 @@ class BudgetAlert(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "scope", "period", "threshold"], name="one_alert_per_period"),
+            models.UniqueConstraint(fields=["tenant", "scope", "api_key", "period", "threshold"], nulls_distinct=False,
+                                    name="one_alert_per_cap_and_period"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.tenant_id} {self.scope} {self.period} {self.threshold}%"
+        scope = f"key {self.api_key_id}" if self.api_key_id else self.scope
+        return f"{self.tenant_id} {scope} {self.period} {self.threshold}%"

@@ -48,10 +48,10 @@ def restore_spend(slugs: list[str] | None = None, now: datetime | None = None) -
     for tenant in tenants:
         scopes = []
         if tenant.tier.daily_budget_usd is not None or tenant.tier.monthly_budget_usd is not None:
-            scopes.append(("tenant", "tenant", limits.scope_prefix(tenant.pk), tenant.tier, Q(tenant=tenant)))
+            scopes.append(("tenant", "tenant", limits.scope_prefix(tenant.pk), tenant.tier, Q(tenant=tenant), None))
         for key in tenant.keys.filter(budgeted).order_by("pk"):
-            scopes.append(("key", f"key {key.prefix}", limits.scope_prefix(tenant.pk, key.pk), key, Q(api_key=key)))
-        for label, name, prefix, source, rows in scopes:
+            scopes.append(("key", f"key {key.prefix}", limits.scope_prefix(tenant.pk, key.pk), key, Q(api_key=key), key))
+        for label, name, prefix, source, rows, api_key in scopes:
             totals = UsageRecord.objects.filter(rows).aggregate(
                 day=Sum("cost_usd", filter=Q(created_at__gte=day_start), default=Decimal(0)),
                 month=Sum("cost_usd", filter=Q(created_at__gte=month_start), default=Decimal(0)))
@@ -61,8 +61,8 @@ def restore_spend(slugs: list[str] | None = None, now: datetime | None = None) -
                                                ("m", "month", month, "monthly_budget_usd")):
                 if getattr(source, attr) is None:
                     continue
-                # Alerts are recorded per tenant, scope and period (not per key).
-                alerted = BudgetAlert.objects.filter(tenant=tenant, scope=label, period=period).aggregate(
+                # Alerts are recorded per cap (the tenant's, or one key's) and period.
+                alerted = BudgetAlert.objects.filter(tenant=tenant, scope=label, api_key=api_key, period=period).aggregate(
                     top=Max("threshold"))["top"] or 0
                 args += [field, period, limits.nano(totals[which]), alerted]
                 shown[which] = totals[which]

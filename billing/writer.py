@@ -159,8 +159,10 @@ def drain_alerts(count: int = 500) -> int:
     from .models import BudgetAlert
 
     def to_row(entry_id: str, data: dict) -> BudgetAlert:
+        key_id = data.get("key_id") if data["scope"] == "key" else None
         return BudgetAlert(
-            tenant_id=int(data["tenant_id"]), scope=data["scope"], period=data["period"],
+            tenant_id=int(data["tenant_id"]), scope=data["scope"], api_key_id=int(key_id) if key_id else None,
+            period=data["period"],
             threshold=int(data["threshold"]), spent_usd=Decimal(data["spent_nano"]) / 10**9,
             cap_usd=Decimal(data["cap_nano"]) / 10**9, request_id=data.get("request_id", ""))
 

@@ -207,7 +207,7 @@ def _plan_for(principal: Principal) -> _Plan:
         return plan
     scopes = _scopes_for(principal)
     ordered, buckets, keys = [], [], []
-    spec: list = [int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000), principal.tenant_id, len(scopes)]
+    spec: list = [int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000), principal.tenant_id, principal.key_id, len(scopes)]
     for scope in scopes:
         keys += (scope.hash_key, scope.slot_key)
         spec += (scope.label, len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)

@@ -8,7 +8,7 @@
 -- A plan is one principal's limits, sent once per call however many of its requests the call
 -- carries; an operation names its plan and carries only its request's own values.
 -- KEYS: per plan, per scope: hash, slot set; then the usage stream and the alert stream.
--- ARGV[1]: the number of plans; then per plan: slot ttl (ms), tenant id, n_scopes,
+-- ARGV[1]: the number of plans; then per plan: slot ttl (ms), tenant id, key id, n_scopes,
 --   per scope: label, n_buckets, slot limit (0 = none), n_budgets, hash ttl (ms),
 --     per bucket: field, capacity, refill per ms, whether it counts tokens (1) or requests (0)
 --     per budget: field (d|m), period label, cap (nano-dollars)
@@ -63,9 +63,9 @@ end
 
 local plans, a, k = {}, 2, 1
 for p = 1, tonumber(A[1]) do
-  local plan = {slot_ttl = tonumber(A[a]), tenant = A[a + 1], scopes = {}}
-  local n_scopes = tonumber(A[a + 2])
-  a = a + 3
+  local plan = {slot_ttl = tonumber(A[a]), tenant = A[a + 1], key = A[a + 2], scopes = {}}
+  local n_scopes = tonumber(A[a + 3])
+  a = a + 4
   for s = 1, n_scopes do
     local nb, nm = tonumber(A[a + 1]), tonumber(A[a + 3])
     local scope = {hash = K[k], slots = K[k + 1], label = A[a], slot_limit = tonumber(A[a + 2]),
@@ -183,7 +183,8 @@ local function settle(plan, rid, refund, delta, row)
         for _, pct in ipairs({80, 100}) do
           if raised < pct and spent * 100 >= m.cap * pct then
             raised = pct
-            redis.call('XADD', alert_stream, '*', 'tenant_id', plan.tenant, 'scope', scope.label, 'period', m.period,
+            redis.call('XADD', alert_stream, '*', 'tenant_id', plan.tenant, 'scope', scope.label,
+              'key_id', scope.label == 'key' and plan.key or '', 'period', m.period,
               'threshold', pct, 'spent_nano', string.format('%d', spent), 'cap_nano', m.cap_text, 'request_id', rid)
             alerts = alerts + 1
             put(h, m.al, pct)

@@ -68,7 +68,7 @@ def test_a_keys_own_budget_is_rebuilt_from_that_keys_rows(tenants):
     spend(tenant, "0.25", datetime.now(UTC), key)
     spend(tenant, "0.50", datetime.now(UTC), other)
 
-    call_command("restore_spend")
+    call_command("restore_spend", tenant.slug)  # Redis is shared by the session's tests: only this tenant
 
     assert lim(tenant, key)["d"] == str(nano(Decimal("0.25")))
     assert lim(tenant) == {}  # the tenant itself has no budget

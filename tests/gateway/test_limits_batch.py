@@ -9,6 +9,7 @@ import math
 import socket
 import time
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import SimpleNamespace
 
@@ -261,3 +262,40 @@ def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes,
     (row,) = [row for row in rows if row["request_id"] == request_id]
     assert (row["http_status"], row["error_code"], row["prompt_tokens"], row["completion_tokens"]) == (
         499, "client_disconnected", 0, 0)
+
+
+def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
+    from billing.models import BudgetAlert
+    from billing.writer import drain_alerts
+    from tenants.models import ApiKey
+
+    tenant, key, _ = tenants.make(tier={"daily_budget_usd": "0.20", "monthly_budget_usd": None})
+    other, _ = ApiKey.issue(tenant)
+    for k in (key, other):
+        k.daily_budget_usd = Decimal("0.10")
+        k.save()
+    whos = [Principal.from_key(ApiKey.objects.get(pk=k.pk)) for k in (key, other)]
+
+    async def spend(who: Principal, cost: str) -> int:
+        """Admit and settle one request that cost `cost`; the budget alerts its settlement raised."""
+        (admission,) = await admit_together(who, [1])
+        row = {"request_id": admission.request_id, "tenant_id": who.tenant_id}
+        return await limits.submit(limits.settle_operation(admission, 1, Decimal(cost), row))
+
+    # Each key spends 85% of its own cap, so each crosses 80% of it; the second also takes the
+    # tenant's day to 85% of the tenant's cap.
+    assert asyncio.run(spend(whos[0], "0.085")) == 1
+    assert asyncio.run(spend(whos[1], "0.085")) == 2
+    assert asyncio.run(spend(whos[1], "0.001")) == 0  # crossed already this period
+    drain_alerts()
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    alerts = set(BudgetAlert.objects.filter(tenant=tenant).values_list("scope", "api_key", "period", "threshold"))
+    assert alerts == {("key", key.pk, day, 80), ("key", other.pk, day, 80), ("tenant", None, day, 80)}
+
+    # A replayed alert (the writer retried after a crash) adds no row, for a key or the tenant.
+    stream = settings.GATEWAY["ALERT_STREAM"]
+    for scope, key_id in (("tenant", ""), ("key", str(other.pk))):
+        get_redis().xadd(stream, {"tenant_id": tenant.pk, "scope": scope, "key_id": key_id, "period": day,
+                                  "threshold": 80, "spent_nano": 1, "cap_nano": 1, "request_id": "replayed"})
+    drain_alerts()
+    assert BudgetAlert.objects.filter(tenant=tenant).count() == 3
