@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import redis.exceptions
 from django.db.models import Max, Q, Sum
 
 from gateway import limits
@@ -31,6 +32,7 @@ class Restored:
     scope: str  # "tenant" or "key <prefix>"
     day: Decimal | None  # None: no daily budget in this scope
     month: Decimal | None
+    error: str | None = None  # why Redis refused this scope's restore (the others go on)
 
 
 def restore_spend(slugs: list[str] | None = None, now: datetime | None = None) -> list[Restored]:
@@ -66,6 +68,10 @@ def restore_spend(slugs: list[str] | None = None, now: datetime | None = None) -
                     top=Max("threshold"))["top"] or 0
                 args += [field, period, limits.nano(totals[which]), alerted]
                 shown[which] = totals[which]
-            script(keys=[f"{prefix}:lim"], args=args)
+            try:
+                script(keys=[f"{prefix}:lim"], args=args)
+            except redis.exceptions.ResponseError as exc:  # e.g. a stray key of the wrong type
+                out.append(Restored(tenant.slug, name, None, None, error=str(exc).split(" script: ")[0]))
+                continue
             out.append(Restored(tenant.slug, name, shown["day"], shown["month"]))
     return out

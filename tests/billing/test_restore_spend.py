@@ -91,3 +91,17 @@ def test_after_a_restore_the_cap_refuses_again(server, tenants):
 def test_an_unknown_tenant_is_an_error(tenants):
     with pytest.raises(CommandError, match="No tenant nope"):
         call_command("restore_spend", "nope")
+
+
+def test_a_scope_redis_cannot_restore_is_reported_and_the_others_are_restored(tenants, capsys):
+    broken, _, _ = tenants.make(tier={"daily_budget_usd": "5", "monthly_budget_usd": None})
+    healthy, _, _ = tenants.make(tier={"daily_budget_usd": "5", "monthly_budget_usd": None})
+    spend(healthy, "0.25", datetime.now(UTC))
+    get_redis().set(f"gw:{{t{broken.pk}}}:lim", "not a hash")  # what a stray write would leave
+
+    with pytest.raises(CommandError, match="1 budget scope"):
+        call_command("restore_spend", broken.slug, healthy.slug)
+
+    assert lim(healthy)["d"] == str(nano(Decimal("0.25")))
+    err = capsys.readouterr().err
+    assert f"{broken.slug} (tenant): NOT restored: WRONGTYPE" in err and healthy.slug not in err

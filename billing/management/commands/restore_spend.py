@@ -17,9 +17,15 @@ class Command(BaseCommand):
         unknown = set(options["slugs"]) - set(Tenant.objects.filter(slug__in=options["slugs"]).values_list("slug", flat=True))
         if unknown:
             raise CommandError(f"No tenant {', '.join(sorted(unknown))}.")
-        restored = restore_spend(options["slugs"] or None)
-        for r in restored:
+        results = restore_spend(options["slugs"] or None)
+        failed = [r for r in results if r.error]
+        for r in results:
+            if r.error:
+                self.stderr.write(f"{r.tenant} ({r.scope}): NOT restored: {r.error}")
+                continue
             day = "-" if r.day is None else f"${r.day:.6f}"
             month = "-" if r.month is None else f"${r.month:.6f}"
             self.stdout.write(f"{r.tenant} ({r.scope}): today {day}, this month {month}")
-        self.stdout.write(f"{len(restored)} budget scope(s) restored.")
+        self.stdout.write(f"{len(results) - len(failed)} budget scope(s) restored.")
+        if failed:
+            raise CommandError(f"{len(failed)} budget scope(s) could not be restored (listed above); the others were.")
