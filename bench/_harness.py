@@ -134,6 +134,7 @@ class Bench:
             self.services.start()
             self.env = base_env(self.services)
             _load.redis_cpu_seconds = self.redis_cpu_seconds
+            _load.client_core = self.client_cpu
             say(f"{', '.join(self.services.where)}; database {DB_NAME}, Redis db {REDIS_DB}")
         except BaseException:
             self.close()

@@ -58,6 +58,7 @@ class Result:
     cpu: float | None = None  # CPU seconds of the target process inside the window
     core_other: float | None = None  # platform core busy time not spent by the platform
     redis_cpu: float | None = None  # Redis's CPU seconds inside the window (every client's work)
+    client_busy: float | None = None  # busy seconds of the client core (load, upstream, writer) inside the window
 
     @property
     def rps(self) -> float:
@@ -195,10 +196,16 @@ async def run_phase(target: Target, stream: bool, concurrency: int, warmup: floa
 redis_cpu_seconds: Callable[[], float | None] | None = None
 
 
-def _mark(pid: int | None, platform_cpu: int | None) -> tuple[float, float | None, float | None, float | None]:
+# Set by the harness: the core of the load generator, fake upstream and usage writer.
+client_core: int | None = None
+
+
+def _mark(pid: int | None, platform_cpu: int | None) -> tuple[float, float | None, float | None, float | None,
+                                                              float | None]:
     return (time.perf_counter(), cpu_seconds(pid) if pid else None,
             core_busy_seconds(platform_cpu) if platform_cpu is not None else None,
-            redis_cpu_seconds() if redis_cpu_seconds is not None else None)
+            redis_cpu_seconds() if redis_cpu_seconds is not None else None,
+            core_busy_seconds(client_core) if client_core is not None else None)
 
 
 async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, concurrency: int,
@@ -237,6 +244,8 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
             result.core_other = (result.core_other or 0.0) + max(0.0, end[2] - begin[2] - cpu)
     if begin[3] is not None and end[3] is not None:
         result.redis_cpu = (result.redis_cpu or 0.0) + end[3] - begin[3]
+    if begin[4] is not None and end[4] is not None:
+        result.client_busy = (result.client_busy or 0.0) + end[4] - begin[4]
 
 
 async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,
@@ -303,4 +312,6 @@ def merge(parts: list[Result]) -> Result:
             out.core_other = (out.core_other or 0.0) + r.core_other
         if r.redis_cpu is not None:
             out.redis_cpu = (out.redis_cpu or 0.0) + r.redis_cpu
+        if r.client_busy is not None:
+            out.client_busy = (out.client_busy or 0.0) + r.client_busy
     return out

@@ -39,6 +39,12 @@ def core_other(r: Result) -> str:
     return f"{r.core_other / r.elapsed:.0%}" if r.core_other is not None and r.elapsed else "-"
 
 
+def client_busy(r: Result) -> str:
+    """How busy the client core was: near 100% means the load generator, the fake upstream and
+    the usage writer, not the platform, bounded the req/s of that side."""
+    return f"{r.client_busy / r.elapsed:.0%}" if r.client_busy is not None and r.elapsed else "-"
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a " if ok is None else ("PASS" if ok else "FAIL")
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._harness import Bench, run_bench  # noqa: E402
 from bench._load import CHUNKS, Result, Target, first_request, merge, run_interleaved  # noqa: E402
 from bench._report import (  # noqa: E402
+    client_busy,
     core_other,
     cpu_per_req,
     fmt,
@@ -92,7 +93,8 @@ def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, i
     merged = {cell: {side: merge(runs[side, *cell]) for side in SIDES} for cell in cells}
     columns = [("mode", 10), ("c", 3), ("p50 on", 7), ("p50 off", 7), ("Δp50", 6), ("Δp50 by round", 27),
                ("p99 on", 7), ("p99 off", 7), ("req/s on", 8), ("req/s off", 9), ("on/off", 6),
-               ("CPU ms/req on", 13), ("off", 5), ("Redis µs/req on/off", 19), ("core0 other on/off", 18)]
+               ("CPU ms/req on", 13), ("off", 5), ("Redis µs/req on/off", 19), ("core0 other on/off", 18),
+               ("core1 busy on/off", 17)]
     rows = []
     for cell in cells:
         on, off = merged[cell]["on"], merged[cell]["off"]
@@ -103,6 +105,7 @@ def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, i
             fmt(on.rps, 0), fmt(off.rps, 0), fmt(on.rps / off.rps, 2) if off.rps else "-",
             fmt(cpu_per_req(on), 2), fmt(cpu_per_req(off), 2),
             f"{fmt(redis_us_per_req(on), 0)} / {fmt(redis_us_per_req(off), 0)}", f"{core_other(on)} / {core_other(off)}",
+            f"{client_busy(on)} / {client_busy(off)}",
         ])
     table(columns, rows)
     print("(latencies in ms; Δ = on - off; req/s for streams = complete 20-chunk streams per second)")
