@@ -50,10 +50,11 @@ def restore_spend(slugs: list[str] | None = None, now: datetime | None = None) -
     for tenant in tenants:
         scopes = []
         if tenant.tier.daily_budget_usd is not None or tenant.tier.monthly_budget_usd is not None:
-            scopes.append(("tenant", "tenant", limits.scope_prefix(tenant.pk), tenant.tier, Q(tenant=tenant), None))
+            scopes.append(("tenant", "tenant", limits.scope_prefix(tenant.pk), tenant.tier, Q(tenant=tenant)))
         for key in tenant.keys.filter(budgeted).order_by("pk"):
-            scopes.append(("key", f"key {key.prefix}", limits.scope_prefix(tenant.pk, key.pk), key, Q(api_key=key), key))
-        for label, name, prefix, source, rows, api_key in scopes:
+            scopes.append(("key", f"key {key.prefix}", limits.scope_prefix(tenant.pk, key.pk), key, Q(api_key=key)))
+        for label, name, prefix, source, rows in scopes:
+            api_key = source if label == "key" else None  # whose cap the alerts are about
             totals = UsageRecord.objects.filter(rows).aggregate(
                 day=Sum("cost_usd", filter=Q(created_at__gte=day_start), default=Decimal(0)),
                 month=Sum("cost_usd", filter=Q(created_at__gte=month_start), default=Decimal(0)))

@@ -159,7 +159,7 @@ def drain_alerts(count: int = 500) -> int:
     from .models import BudgetAlert
 
     def to_row(entry_id: str, data: dict) -> BudgetAlert:
-        key_id = data.get("key_id") if data["scope"] == "key" else None
+        key_id = data.get("key_id")  # "" for the tenant's own cap
         return BudgetAlert(
             tenant_id=int(data["tenant_id"]), scope=data["scope"], api_key_id=int(key_id) if key_id else None,
             period=data["period"],
