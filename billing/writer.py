@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
 import redis
-from django.db import DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, close_old_connections, transaction
 from django.db.models import Q
 
 from gateway.events import drain_breaker_events
@@ -31,6 +32,7 @@ GROUP = "usage-writers"
 CLAIM_IDLE_MS = 30_000
 CLAIM_EVERY_S = 5.0
 DEAD_LETTER = "gw:usage:dead"
+BATCH = 500  # entries per read (and per transaction)
 FIELDS = {f.name for f in UsageRecord._meta.get_fields() if f.concrete} - {"id", "tenant", "api_key"} | {"tenant_id", "api_key_id"}
 
 
@@ -110,7 +112,7 @@ def _write_or_set_aside(client: redis.Redis, rows: list[dict]) -> None:
             client.xadd(DEAD_LETTER, {"row": orjson.dumps(row, default=str), "error": repr(exc)[:500]})
 
 
-def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | None = 1000) -> int:
+def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | None = 1000) -> int:
     """Write one batch; returns how many entries were handled (0 when the stream is idle)."""
     global _group_ready
     client = get_redis()
@@ -150,6 +152,25 @@ def drain_once(consumer: str | None = None, count: int = 500, block_ms: int | No
         pipe.xdel(stream_name(), *ids)
         pipe.execute()
     return len(ids)
+
+
+def run(consumer: str, stopping: Callable[[], bool], on_failure: Callable[[], None] = lambda: None) -> None:
+    """Drain until `stopping()`. After a batch smaller than a full one the writer lingers
+    (GW_USAGE_WRITER_LINGER_MS) before reading again, so that under a steady trickle its next
+    batch carries the rows of that time in one transaction instead of one or two rows each."""
+    from django.conf import settings
+
+    linger = settings.GATEWAY["USAGE_WRITER_LINGER_MS"] / 1000
+    while not stopping():
+        try:
+            handled = drain_once(consumer, count=BATCH, block_ms=500)
+        except Exception:  # PostgreSQL or Redis away: entries stay pending; retry soon
+            on_failure()
+            close_old_connections()
+            time.sleep(1)
+            continue
+        if 0 < handled < BATCH and linger > 0:
+            time.sleep(linger)
 
 
 def drain_alerts(count: int = 500) -> int:

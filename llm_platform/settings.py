@@ -147,6 +147,10 @@ GATEWAY = {
     "LOCAL_TOKENS_PER_SECOND": env_float("GW_LOCAL_TOKENS_PER_SECOND", 40.0),
     # Usage rows are buffered in this Redis stream and written to PostgreSQL in batches.
     "USAGE_STREAM": env_str("GW_USAGE_STREAM", "gw:usage"),
+    # After a batch smaller than a full one, the writer waits this long before reading again, so
+    # that its next batch (one transaction, one acknowledgement) carries the rows of that time
+    # rather than one or two: far less CPU per row under load, rows in PostgreSQL that much later.
+    "USAGE_WRITER_LINGER_MS": env_float("GW_USAGE_WRITER_LINGER_MS", 50.0),
     # Rows that cannot reach Redis wait here on local disk until it answers (a volume in containers).
     "USAGE_SPOOL_DIR": env_str("GW_USAGE_SPOOL_DIR", str(BASE_DIR / ".data" / "usage-spool")),
     "ALERT_STREAM": env_str("GW_ALERT_STREAM", "gw:alerts"),

@@ -124,3 +124,44 @@ def test_a_row_that_cannot_be_written_is_set_aside_and_the_rest_written(tenants)
     dead = [fields for _, fields in get_redis().xrange(DEAD_LETTER)]
     assert any(bad["request_id"].encode() in fields[b"row"] for fields in dead)
     drain_all("test-writer")  # nothing left to retry forever
+
+
+def _writer_transactions(tenant, key, linger_ms: str) -> int:
+    """Run the real writer with this linger while 60 rows trickle in (one every 10 ms); how many
+    transactions wrote them (rows committed together share PostgreSQL's `xmin`)."""
+    from django.conf import settings
+    from django.db import connection
+
+    ids = [f"trickle-{uuid.uuid4().hex}" for _ in range(60)]
+    db = settings.DATABASES["default"]
+    env = {**os.environ, "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+           "GW_USAGE_WRITER_LINGER_MS": linger_ms}
+    writer = subprocess.Popen([sys.executable, "manage.py", "usage_writer", "--consumer", f"trickle-{linger_ms}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "running" in writer.stdout.readline()
+        enqueue([row(tenant, key, f"warm-{uuid.uuid4().hex}")])  # the writer is at its blocking read
+        time.sleep(0.3)
+        for request_id in ids:
+            enqueue([row(tenant, key, request_id)])
+            time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while UsageRecord.objects.filter(request_id__in=ids).count() < len(ids):
+            assert time.monotonic() < deadline, "the writer did not write every row"
+            time.sleep(0.05)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        writer.wait(timeout=10)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(DISTINCT xmin::text) FROM billing_usagerecord WHERE request_id = ANY(%s)", [ids])
+        return cursor.fetchone()[0]
+
+
+def test_the_writer_gathers_a_trickle_of_rows_into_few_transactions(tenants):
+    """Rows arriving one by one are written a linger's worth at a time: ~0.6 s of rows at a
+    250 ms linger take a handful of transactions; with no linger, close to one per row."""
+    tenant, key, _ = tenants.make()
+    lingering = _writer_transactions(tenant, key, "250")
+    eager = _writer_transactions(tenant, key, "0")
+    assert lingering <= 6, lingering
+    assert eager >= 20, eager

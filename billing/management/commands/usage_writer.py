@@ -1,10 +1,8 @@
 """Run the usage writer: drains the Redis usage stream into PostgreSQL until stopped."""
 
 import signal
-import time
 
 from django.core.management.base import BaseCommand
-from django.db import close_old_connections
 
 
 class Command(BaseCommand):
@@ -15,7 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("--once", action="store_true", help="drain what is there, then exit")
 
     def handle(self, consumer, once, **options):
-        from billing.writer import default_consumer, drain_all, drain_once
+        from billing.writer import default_consumer, drain_all, run
 
         consumer = consumer or default_consumer()
         if once:
@@ -30,10 +28,4 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.stdout.write(f"usage writer {consumer} running")
-        while not stopping:
-            try:
-                drain_once(consumer, block_ms=500)
-            except Exception:  # PostgreSQL or Redis away: entries stay pending; retry soon
-                self.stderr.write("usage writer: batch failed, retrying in 1 s")
-                close_old_connections()
-                time.sleep(1)
+        run(consumer, lambda: stopping, on_failure=lambda: self.stderr.write("usage writer: batch failed, retrying in 1 s"))
