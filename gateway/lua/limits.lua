@@ -22,17 +22,18 @@
 -- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
 -- bucket in order; a settlement's number of budget alerts raised.
 local A, K = ARGV, KEYS
+local call, tonumber, floor, ceil = redis.call, tonumber, math.floor, math.ceil
 local usage_stream, alert_stream = K[#K - 1], K[#K]
-local floor, ceil, min, max, tonumber = math.floor, math.ceil, math.min, math.max, tonumber
-local t = redis.call('TIME')
+local t = call('TIME')
 local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+local THRESHOLDS = {80, 100}
 local hashes, slotsets = {}, {}
 
 -- A scope hash's fields, read once; changes are written back once, at the end.
 local function hash(key)
   local h = hashes[key]
   if h == nil then
-    local flat, f = redis.call('HGETALL', key), {}
+    local flat, f = call('HGETALL', key), {}
     for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
     h = {f = f, dirty = {}, ttl = 0}
     hashes[key] = h
@@ -40,25 +41,43 @@ local function hash(key)
   return h
 end
 
-local function put(h, field, value)
-  h.f[field] = value
-  h.dirty[field] = true
-end
-
 -- A bucket's level now: refilled since its last change, full if it never changed.
-local function level_of(h, b)
-  local level, ts = tonumber(h.f[b.f]), tonumber(h.f[b.ts])
+local function level_of(f, b)
+  local level, ts = tonumber(f[b.f]), tonumber(f[b.ts])
   if level == nil or ts == nil then return b.cap end
-  return min(b.cap, level + max(0, now - ts) * b.rate)
+  if now > ts then level = level + (now - ts) * b.rate end
+  if level > b.cap then return b.cap end
+  return level
 end
 
+-- A slot set's changes wait for the end of the call too (one ZADD, one ZREM), except where a
+-- count needs them: `n` is its live count once known, `add` (score, member, ...) and `rem`
+-- (member, ...) the changes not yet sent.
 local function slotset(key)
   local z = slotsets[key]
   if z == nil then
-    z = {ttl = 0}
+    z = {key = key, add = {}, rem = {}, ttl = 0}
     slotsets[key] = z
   end
   return z
+end
+
+local function send_slots(z)
+  if #z.add > 0 then
+    call('ZADD', z.key, unpack(z.add))
+    z.add = {}
+  end
+  if #z.rem > 0 then
+    local removed = call('ZREM', z.key, unpack(z.rem))
+    if z.n ~= nil then z.n = z.n - removed end
+    z.rem = {}
+  end
+end
+
+local function slot_count(z)
+  if #z.rem > 0 then send_slots(z) end
+  if z.n == nil then z.n = call('ZCARD', z.key) end
+  return z.n
 end
 
 local plans, a, k = {}, 2, 1
@@ -69,7 +88,7 @@ for p = 1, tonumber(A[1]) do
   for s = 1, n_scopes do
     local nb, nm = tonumber(A[a + 1]), tonumber(A[a + 3])
     local scope = {hash = K[k], slots = K[k + 1], label = A[a], slot_limit = tonumber(A[a + 2]),
-                   ttl = tonumber(A[a + 4]), buckets = {}, budgets = {}}
+                   ttl = tonumber(A[a + 4]), buckets = {}, budgets = {}, nb = nb, nm = nm}
     k = k + 2
     a = a + 5
     for i = 1, nb do
@@ -85,73 +104,84 @@ for p = 1, tonumber(A[1]) do
     end
     plan.scopes[s] = scope
   end
+  plan.n_scopes = n_scopes
   plans[p] = plan
 end
 
 local function admit(plan, rid, tokens, estimate, day_left, month_left)
-  local index, out, writes = 0, {1}, {}
-  for s, scope in ipairs(plan.scopes) do
-    local h = hash(scope.hash)
-    local set = {}
-    for _, b in ipairs(scope.buckets) do
+  local index, out, n_out = 0, {1}, 1
+  local levels, spends = {}, {}
+  -- Check every limit first; nothing is reserved unless all of them allow it.
+  for s = 1, plan.n_scopes do
+    local scope = plan.scopes[s]
+    local f = hash(scope.hash).f
+    for i = 1, scope.nb do
+      local b = scope.buckets[i]
       index = index + 1
       local cost = b.tokens and tokens or 1
-      local level = level_of(h, b)
+      local level = level_of(f, b)
       if level < cost then
         return {0, index, ceil((cost - level) / b.rate)}
       end
       local left = level - cost
-      set[#set + 1] = b.f
-      set[#set + 1] = left
-      set[#set + 1] = b.ts
-      set[#set + 1] = now
-      out[#out + 1] = floor(left)
-      out[#out + 1] = ceil((b.cap - left) / b.rate)
+      levels[#levels + 1] = left
+      out[n_out + 1] = floor(left)
+      out[n_out + 2] = ceil((b.cap - left) / b.rate)
+      n_out = n_out + 2
     end
     if scope.slot_limit > 0 then
       index = index + 1
       local z = slotset(scope.slots)
-      if z.n == nil then z.n = redis.call('ZCARD', scope.slots) end
-      if z.n >= scope.slot_limit then  -- expired slots (a dead worker's) are swept when it looks full
-        redis.call('ZREMRANGEBYSCORE', scope.slots, '-inf', now)
-        z.n = redis.call('ZCARD', scope.slots)
+      if slot_count(z) >= scope.slot_limit then  -- expired slots (a dead worker's) are swept when it looks full
+        send_slots(z)
+        call('ZREMRANGEBYSCORE', scope.slots, '-inf', now)
+        z.n = call('ZCARD', scope.slots)
         if z.n >= scope.slot_limit then
           return {0, index, 1000}
         end
       end
     end
-    for _, m in ipairs(scope.budgets) do
+    for i = 1, scope.nm do
+      local m = scope.budgets[i]
       index = index + 1
       local spent = 0
-      if h.f[m.p] == m.period then
-        spent = tonumber(h.f[m.f]) or 0
-      else  -- a new period: its spend and alerts start from nothing
-        set[#set + 1] = m.p
-        set[#set + 1] = m.period
-        set[#set + 1] = m.al
-        set[#set + 1] = 0
-      end
+      if f[m.p] == m.period then spent = tonumber(f[m.f]) or 0 end  -- else a new period: from nothing
       if spent + estimate > m.cap then
         return {0, index, (m.day and day_left or month_left) * 1000}
       end
-      set[#set + 1] = m.f
-      set[#set + 1] = spent + estimate
+      spends[#spends + 1] = spent + estimate
     end
-    writes[s] = set
   end
   -- Every limit allows it: reserve.
-  for s, scope in ipairs(plan.scopes) do
-    local set = writes[s]
-    if #set > 0 then
-      local h = hashes[scope.hash]
-      for i = 1, #set, 2 do put(h, set[i], set[i + 1]) end
-      h.ttl = max(h.ttl, scope.ttl)
+  local nl, ns = 0, 0
+  for s = 1, plan.n_scopes do
+    local scope = plan.scopes[s]
+    local h = hashes[scope.hash]
+    local f, dirty = h.f, h.dirty
+    for i = 1, scope.nb do
+      local b = scope.buckets[i]
+      nl = nl + 1
+      f[b.f], f[b.ts] = levels[nl], now
+      dirty[b.f], dirty[b.ts] = true, true
     end
+    for i = 1, scope.nm do
+      local m = scope.budgets[i]
+      ns = ns + 1
+      if f[m.p] ~= m.period then  -- a new period: its spend and alerts start from nothing
+        f[m.p], f[m.al] = m.period, 0
+        dirty[m.p], dirty[m.al] = true, true
+      end
+      f[m.f] = spends[ns]
+      dirty[m.f] = true
+    end
+    if scope.nb + scope.nm > 0 and h.ttl < scope.ttl then h.ttl = scope.ttl end
     if scope.slot_limit > 0 then
-      redis.call('ZADD', scope.slots, now + plan.slot_ttl, rid)
       local z = slotsets[scope.slots]
+      local add = z.add
+      add[#add + 1] = now + plan.slot_ttl
+      add[#add + 1] = rid
       z.n = z.n + 1
-      z.ttl = max(z.ttl, plan.slot_ttl + 60000)
+      if z.ttl < plan.slot_ttl + 60000 then z.ttl = plan.slot_ttl + 60000 end
     end
   end
   return out
@@ -159,48 +189,59 @@ end
 
 local function settle(plan, rid, refund, delta, row)
   local alerts = 0
-  for _, scope in ipairs(plan.scopes) do
-    local h = (#scope.buckets > 0 or #scope.budgets > 0) and hash(scope.hash) or nil
-    local wrote = false
-    if refund ~= 0 then
-      for _, b in ipairs(scope.buckets) do
-        if b.tokens then
-          put(h, b.f, min(b.cap, level_of(h, b) + refund))
-          put(h, b.ts, now)
-          wrote = true
-        end
-      end
-    end
-    for _, m in ipairs(scope.budgets) do
-      -- A request admitted in a period that has since ended settles nothing: that period is closed.
-      if h.f[m.p] == m.period then
-        local spent = (tonumber(h.f[m.f]) or 0) + delta
-        if delta ~= 0 then
-          put(h, m.f, spent)
-          wrote = true
-        end
-        local raised = tonumber(h.f[m.al]) or 0
-        for _, pct in ipairs({80, 100}) do
-          if raised < pct and spent * 100 >= m.cap * pct then
-            raised = pct
-            redis.call('XADD', alert_stream, '*', 'tenant_id', plan.tenant, 'scope', scope.label,
-              'key_id', scope.label == 'key' and plan.key or '', 'period', m.period,
-              'threshold', pct, 'spent_nano', string.format('%d', spent), 'cap_nano', m.cap_text, 'request_id', rid)
-            alerts = alerts + 1
-            put(h, m.al, pct)
+  for s = 1, plan.n_scopes do
+    local scope = plan.scopes[s]
+    if scope.nb + scope.nm > 0 then
+      local h = hash(scope.hash)
+      local f, dirty = h.f, h.dirty
+      local wrote = false
+      if refund ~= 0 then
+        for i = 1, scope.nb do
+          local b = scope.buckets[i]
+          if b.tokens then
+            local level = level_of(f, b) + refund
+            if level > b.cap then level = b.cap end
+            f[b.f], f[b.ts] = level, now
+            dirty[b.f], dirty[b.ts] = true, true
             wrote = true
           end
         end
       end
+      for i = 1, scope.nm do
+        local m = scope.budgets[i]
+        -- A request admitted in a period that has since ended settles nothing: that period is closed.
+        if f[m.p] == m.period then
+          local spent = (tonumber(f[m.f]) or 0) + delta
+          if delta ~= 0 then
+            f[m.f] = spent
+            dirty[m.f] = true
+            wrote = true
+          end
+          local raised = tonumber(f[m.al]) or 0
+          for j = 1, 2 do
+            local pct = THRESHOLDS[j]
+            if raised < pct and spent * 100 >= m.cap * pct then
+              raised = pct
+              call('XADD', alert_stream, '*', 'tenant_id', plan.tenant, 'scope', scope.label,
+                'key_id', scope.label == 'key' and plan.key or '', 'period', m.period,
+                'threshold', pct, 'spent_nano', string.format('%d', spent), 'cap_nano', m.cap_text, 'request_id', rid)
+              alerts = alerts + 1
+              f[m.al] = pct
+              dirty[m.al] = true
+              wrote = true
+            end
+          end
+        end
+      end
+      if wrote and h.ttl < scope.ttl then h.ttl = scope.ttl end
     end
-    if wrote then h.ttl = max(h.ttl, scope.ttl) end
     if scope.slot_limit > 0 then
-      local removed = redis.call('ZREM', scope.slots, rid)
-      local z = slotsets[scope.slots]
-      if z ~= nil and z.n ~= nil then z.n = z.n - removed end
+      local z = slotset(scope.slots)
+      if #z.add > 0 then send_slots(z) end  -- admitted earlier in this call: its ZADD goes first
+      z.rem[#z.rem + 1] = rid
     end
   end
-  redis.call('XADD', usage_stream, '*', 'row', row)
+  call('XADD', usage_stream, '*', 'row', row)
   return alerts
 end
 
@@ -212,33 +253,36 @@ local function answer(ok, reply)
   return {err = tostring(reply)}
 end
 
-local replies = {}
-while a <= #A do
+local replies, n_replies = {}, 0
+local n_args = #A
+while a <= n_args do
   local plan = plans[tonumber(A[a + 1])]
+  n_replies = n_replies + 1
   if A[a] == 'a' then
-    replies[#replies + 1] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
-                                         tonumber(A[a + 5]), tonumber(A[a + 6])))
+    replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
+                                      tonumber(A[a + 5]), tonumber(A[a + 6])))
     a = a + 7
   else
-    replies[#replies + 1] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
+    replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
     a = a + 6
   end
 end
 
 for key, h in pairs(hashes) do
-  local set = {}
-  for f in pairs(h.dirty) do
-    local v = h.f[f]
-    if f == 'd' or f == 'm' then v = string.format('%d', v) end  -- money: exact integers
-    set[#set + 1] = f
-    set[#set + 1] = v
+  local set, n, f = {}, 0, h.f
+  for field in pairs(h.dirty) do
+    local v = f[field]
+    if field == 'd' or field == 'm' then v = string.format('%d', v) end  -- money: exact integers
+    set[n + 1], set[n + 2] = field, v
+    n = n + 2
   end
-  if #set > 0 then
-    redis.call('HSET', key, unpack(set))
-    redis.call('PEXPIRE', key, h.ttl)
+  if n > 0 then
+    call('HSET', key, unpack(set))
+    call('PEXPIRE', key, h.ttl)
   end
 end
 for key, z in pairs(slotsets) do
-  if z.ttl > 0 then redis.call('PEXPIRE', key, z.ttl) end
+  local ok = pcall(send_slots, z)  -- a slot set of the wrong type: its operations answered their errors
+  if z.ttl > 0 and ok then call('PEXPIRE', key, z.ttl) end
 end
 return replies
