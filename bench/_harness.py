@@ -46,6 +46,7 @@ from bench._stack import (
     cpu_seconds,
     drain_usage,
     manage,
+    pids_named,
     platform_command,
     say,
     start_profile,
@@ -103,6 +104,8 @@ class Bench:
         self.services: Services | None = None
         self.env: dict = {}
         self._redis_client = None
+        self.roles: dict[int, str] = {os.getpid(): "load generator"}  # pid -> role, for process_cpu
+        self._postgres: tuple[float, list[int]] = (-1e9, [])
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Bench:
             self.env = base_env(self.services)
             _load.redis_cpu_seconds = self.redis_cpu_seconds
             _load.client_core = self.client_cpu
+            _load.process_cpu = self.process_cpu
             say(f"{', '.join(self.services.where)}; database {DB_NAME}, Redis db {REDIS_DB}")
         except BaseException:
             self.close()
@@ -178,6 +182,7 @@ class Bench:
         upstream = self.procs.start("upstream", [PY, str(ROOT / "bench" / "fake_upstream.py"), "--port", "0",
                                                  "--chunks", str(CHUNKS)], self.env, self.client_cpu,
                                     stdout=subprocess.PIPE)
+        self.roles[upstream.pid] = "fake upstream"
         return f"http://{HOST}:{wait_for_port_line(upstream)}/v1"
 
     def prepare(self, routes_yaml: str, limit_flags: tuple[str, ...] = UNLIMITED_FLAGS) -> str:
@@ -199,6 +204,7 @@ class Bench:
     def start_writer(self) -> subprocess.Popen:
         self.writer = self.procs.start("usage_writer", [PY, "manage.py", "usage_writer", "--consumer", "bench-writer"],
                                        self.env, self.client_cpu)
+        self.roles[self.writer.pid] = "usage writer"
         return self.writer
 
     def start_platform(self, extra_env: dict | None = None, label: str = "platform", server: str = "uvicorn",
@@ -213,6 +219,7 @@ class Bench:
         self.platform_logs.append(log)
         url = f"http://{HOST}:{port}"
         wait_healthy(url, proc, log)
+        self.roles[proc.pid] = _load.PLATFORM_ROLE
         plat = Platform(proc, label, url, log, vm_hwm_mib(proc.pid), cpu_seconds(proc.pid),
                         time.monotonic() - spawned)
         if key is not None:
@@ -220,6 +227,7 @@ class Bench:
         return plat
 
     def stop_platform(self, plat: Platform) -> None:
+        self.roles.pop(plat.pid, None)
         self.procs.stop(plat.proc)
 
     def start_sides(self, sides: dict[str, dict], round_: int, prefix: str, key: str | None,
@@ -281,6 +289,21 @@ class Bench:
         except Exception:  # noqa: BLE001 - a figure for the report, never a reason to stop
             return None
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def process_cpu(self) -> dict[int, tuple[str, float]]:
+        """{pid: (role, CPU seconds so far)}: the load generator, fake upstream, usage writer,
+        platform processes and every local PostgreSQL process (listed again every 2 s: backends
+        come and go). Redis is measured apart, from INFO (it may not be local)."""
+        now = time.monotonic()
+        if now - self._postgres[0] > 2:
+            self._postgres = (now, pids_named("postgres"))
+        out = {}
+        for pid, role in [*self.roles.items(), *((pid, "PostgreSQL") for pid in self._postgres[1])]:
+            try:
+                out[pid] = (role, cpu_seconds(pid))
+            except OSError:  # it ended
+                continue
+        return out
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started

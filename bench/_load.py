@@ -59,6 +59,7 @@ class Result:
     core_other: float | None = None  # platform core busy time not spent by the platform
     redis_cpu: float | None = None  # Redis's CPU seconds inside the window (every client's work)
     client_busy: float | None = None  # busy seconds of the client core (load, upstream, writer) inside the window
+    by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds inside the window, by process role
 
     @property
     def rps(self) -> float:
@@ -200,12 +201,32 @@ redis_cpu_seconds: Callable[[], float | None] | None = None
 client_core: int | None = None
 
 
-def _mark(pid: int | None, platform_cpu: int | None) -> tuple[float, float | None, float | None, float | None,
-                                                              float | None]:
+# Set by the harness: {pid: (role, CPU seconds so far)} of the processes around the platform
+# (the platform processes under the role PLATFORM_ROLE), read at each slice's edges.
+process_cpu: Callable[[], dict[int, tuple[str, float]]] | None = None
+PLATFORM_ROLE = "platform"
+
+
+def _mark(pid: int | None, platform_cpu: int | None) -> tuple:
     return (time.perf_counter(), cpu_seconds(pid) if pid else None,
             core_busy_seconds(platform_cpu) if platform_cpu is not None else None,
             redis_cpu_seconds() if redis_cpu_seconds is not None else None,
-            core_busy_seconds(client_core) if client_core is not None else None)
+            core_busy_seconds(client_core) if client_core is not None else None,
+            process_cpu() if process_cpu is not None else None)
+
+
+def _add_roles(by_role: dict[str, float], target_pid: int | None, begin: dict | None, end: dict | None) -> None:
+    """Each process's CPU inside the window under its role; the platform processes other than
+    the target's (the side without load) under "other platform". Processes that started or
+    ended inside the window are left out."""
+    if begin is None or end is None:
+        return
+    for pid, (role, before) in begin.items():
+        if pid not in end:
+            continue
+        if role == PLATFORM_ROLE and pid != target_pid:
+            role = "other platform"
+        by_role[role] = by_role.get(role, 0.0) + end[pid][1] - before
 
 
 async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, concurrency: int,
@@ -246,6 +267,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
         result.redis_cpu = (result.redis_cpu or 0.0) + end[3] - begin[3]
     if begin[4] is not None and end[4] is not None:
         result.client_busy = (result.client_busy or 0.0) + end[4] - begin[4]
+    _add_roles(result.by_role, target.pid, begin[5], end[5])
 
 
 async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,
@@ -314,4 +336,6 @@ def merge(parts: list[Result]) -> Result:
             out.redis_cpu = (out.redis_cpu or 0.0) + r.redis_cpu
         if r.client_busy is not None:
             out.client_busy = (out.client_busy or 0.0) + r.client_busy
+        for role, seconds in r.by_role.items():
+            out.by_role[role] = out.by_role.get(role, 0.0) + seconds
     return out

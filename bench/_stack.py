@@ -119,6 +119,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def pids_named(name: str) -> list[int]:
+    """Processes whose command name (/proc/<pid>/comm) is `name`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() == name:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def core_busy_seconds(cpu: int) -> float:
     """Busy time of one core (everything but idle and iowait), from /proc/stat."""
     with open("/proc/stat") as f:

@@ -112,6 +112,30 @@ def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, i
     return merged
 
 
+ROLES = ("platform", "Redis", "usage writer", "PostgreSQL", "fake upstream", "load generator", "other platform")
+
+
+def roles_per_answer(r: Result) -> dict[str, float]:
+    """CPU µs per answer of each process role in this side's windows (Redis from INFO)."""
+    seconds = {**r.by_role, "Redis": r.redis_cpu or 0.0}
+    return {role: seconds.get(role, 0.0) * 1e6 / r.ok for role in ROLES} if r.ok else {}
+
+
+def print_roles(merged: dict) -> None:
+    """Where the on side's extra CPU goes: every process's CPU per answer, on minus off."""
+    print("\nCPU per answer by process, on - off (µs; total = the processes listed, on / off):")
+    columns = [("mode", 10), ("c", 3), ("total on / off", 15), ("Δ total", 7)] + [(role, max(6, len(role))) for role in ROLES]
+    rows = []
+    for (stream, c), sides in merged.items():
+        on, off = roles_per_answer(sides["on"]), roles_per_answer(sides["off"])
+        if not on or not off:
+            continue
+        total_on, total_off = sum(on.values()), sum(off.values())
+        rows.append([mode(stream), str(c), f"{total_on:,.0f} / {total_off:,.0f}", f"{total_on - total_off:+,.0f}"]
+                    + [f"{on[role] - off[role]:+,.0f}" for role in ROLES])
+    table(columns, rows)
+
+
 def print_targets(merged: dict, limited: int) -> None:
     print("\nTargets (limits on vs off, platform on one core):")
     for stream in (False, True):
@@ -188,6 +212,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
                                f"cell and side in {args.slice:g} s slices alternating between the sides, after "
                                f"{args.warmup:g} s warm-up per round; {CHUNKS}-chunk streams")
     merged = print_table(args.cells, runs)
+    print_roles(merged)
     print()
     print("Tenant limits (on side): " + " ".join(GENEROUS[:12]).replace("--", ""))
     for side in SIDES:
