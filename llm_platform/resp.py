@@ -312,7 +312,9 @@ class RespClient:
         self._where = self._path or f"{self._host}:{self._port}"  # for messages: never the password
         self._timeout = timeout
         self._defer_s = defer_s
-        self._ssl_context: ssl.SSLContext | None = None
+        # Built now, so that a wrong TLS setting in the URL fails where the client is made (at
+        # start-up: the ASGI lifespan makes it), not at the first request.
+        self._ssl_context = tls_context(self._tls_options) if self._tls else None
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
 
@@ -423,8 +425,6 @@ class RespClient:
                 if self._path:
                     await loop.create_unix_connection(lambda: conn, self._path)
                 else:
-                    if self._tls and self._ssl_context is None:
-                        self._ssl_context = tls_context(self._tls_options)
                     await loop.create_connection(
                         lambda: conn, self._host, self._port,
                         ssl=self._ssl_context if self._tls else None,

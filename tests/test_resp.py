@@ -705,3 +705,23 @@ def test_an_unknown_ssl_cert_reqs_is_refused_clearly():
         tls_context({"ssl_cert_reqs": "sometimes"})
     assert tls_context({"ssl_cert_reqs": "optional"}).verify_mode == ssl.CERT_OPTIONAL
     assert tls_context({"ssl_check_hostname": False}).check_hostname is False
+
+
+def test_a_wrong_tls_setting_in_redis_url_stops_the_server_at_start():
+    """An operator's typo in REDIS_URL is reported when the server starts, not by the first
+    request's 503: the ASGI lifespan builds the Redis client, and start-up fails with the reason."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llm_platform.embedded import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "REDIS_URL": "rediss://127.0.0.1:6379/0?ssl_cert_reqs=sometimes", "LOG_LEVEL": "WARNING"}
+    started = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "llm_platform.asgi:application", "--host", "127.0.0.1",
+         "--port", str(free_port()), "--lifespan", "on", "--no-access-log"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=30)
+    assert started.returncode != 0
+    assert "ssl_cert_reqs must be none, optional or required, not 'sometimes'" in started.stdout + started.stderr

@@ -24,6 +24,9 @@ async def startup() -> None:
     import asyncio
 
     global _flusher
+    from llm_platform.resp import get_resp
+
+    get_resp()  # this loop's Redis client: a wrong REDIS_URL setting stops the start here
     _flusher = asyncio.ensure_future(_flush_forever())
     from asgiref.sync import sync_to_async
 
