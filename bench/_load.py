@@ -205,6 +205,7 @@ client_core: int | None = None
 # (the platform processes under the role PLATFORM_ROLE), read at each slice's edges.
 process_cpu: Callable[[], dict[int, tuple[str, float]]] | None = None
 PLATFORM_ROLE = "platform"
+OTHER_PLATFORM_ROLE = "other platform"  # a platform process other than the measured one
 
 
 def _mark(pid: int | None, platform_cpu: int | None) -> tuple:
@@ -225,7 +226,7 @@ def _add_roles(by_role: dict[str, float], target_pid: int | None, begin: dict | 
         if pid not in end:
             continue
         if role == PLATFORM_ROLE and pid != target_pid:
-            role = "other platform"
+            role = OTHER_PLATFORM_ROLE
         by_role[role] = by_role.get(role, 0.0) + end[pid][1] - before
 
 

@@ -28,7 +28,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import Bench, run_bench  # noqa: E402
-from bench._load import CHUNKS, Result, Target, first_request, merge, run_interleaved  # noqa: E402
+from bench._load import (  # noqa: E402
+    CHUNKS,
+    OTHER_PLATFORM_ROLE,
+    PLATFORM_ROLE,
+    Result,
+    Target,
+    first_request,
+    merge,
+    run_interleaved,
+)
 from bench._report import (  # noqa: E402
     client_busy,
     core_other,
@@ -112,7 +121,7 @@ def print_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, i
     return merged
 
 
-ROLES = ("platform", "Redis", "usage writer", "PostgreSQL", "fake upstream", "load generator", "other platform")
+ROLES = (PLATFORM_ROLE, "Redis", "usage writer", "PostgreSQL", "fake upstream", "load generator", OTHER_PLATFORM_ROLE)
 
 
 def roles_per_answer(r: Result) -> dict[str, float]:
