@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import NamedTuple
 
 import orjson
@@ -46,7 +46,7 @@ LIMITS = LuaScript("limits.lua")
 
 
 def nano(amount: Decimal) -> int:
-    return int((amount * NANO).to_integral_value(rounding=ROUND_CEILING))
+    return math.ceil(amount * NANO)  # Decimal's ceiling: exact
 
 
 def reset_text(ms: int) -> str:
@@ -194,7 +194,9 @@ class _Plan:
     n_keys: int = 0
     args: bytes = b""  # the plan's part of the script's arguments (packed)
     n_args: int = 0
-    header_buckets: list[tuple[str, int, Limit]] = field(default_factory=list)  # (kind, position, bucket)
+    # per header kind ("requests", "tokens"): its three header names, then (position, limit as
+    # text) of each bucket that feeds it, in the order the script reports buckets
+    header_kinds: list[tuple[tuple[str, str, str], list[tuple[int, str]]]] = field(default_factory=list)
 
 
 _plans: dict[int, _Plan] = {}
@@ -222,7 +224,12 @@ def _plan_for(principal: Principal) -> _Plan:
     plan = _Plan(principal, day, scopes, ordered, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
     # The script reports remaining/reset for every bucket, in this order.
-    plan.header_buckets = [(bucket.header, i, bucket) for i, bucket in enumerate(buckets) if bucket.header]
+    kinds: dict[str, list[tuple[int, str]]] = {}
+    for i, bucket in enumerate(buckets):
+        if bucket.header:
+            kinds.setdefault(bucket.header, []).append((i, str(bucket.limit)))
+    plan.header_kinds = [((f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}"),
+                          candidates) for kind, candidates in kinds.items()]
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
         plan.args, plan.n_args = pack_args(spec), len(spec)
@@ -232,14 +239,19 @@ def _plan_for(principal: Principal) -> _Plan:
     return plan
 
 
-@dataclass(slots=True)
 class Admission:
-    request_id: str
-    tenant_id: int
-    plan: _Plan
-    reserved_tokens: int = 0
-    estimate_nano: int = 0
-    headers: dict[str, str] = field(default_factory=dict)
+    """A request let in: what it reserved, and the x-ratelimit-* headers of its answer."""
+
+    __slots__ = ("request_id", "tenant_id", "plan", "reserved_tokens", "estimate_nano", "headers")
+
+    def __init__(self, request_id: str, tenant_id: int, plan: _Plan, reserved_tokens: int = 0,
+                 estimate_nano: int = 0) -> None:
+        self.request_id = request_id
+        self.tenant_id = tenant_id
+        self.plan = plan
+        self.reserved_tokens = reserved_tokens
+        self.estimate_nano = estimate_nano
+        self.headers: dict[str, str] = {}
 
     @property
     def slot_keys(self) -> list[str]:
@@ -263,13 +275,21 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
     plan = _plan_for(principal)
     if not plan.scopes:
         return None, None
-    admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
     if plan.token_capacity is not None and tokens > plan.token_capacity:
         raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {plan.token_capacity} tokens "
                                 "per minute; lower max_tokens or shorten the prompt.",
                            code="request_exceeds_limit", param="max_tokens")
-    (_, day_left), (_, month_left) = _current_periods()
-    return admission, Operation(plan, False, pack_args((request_id, tokens, estimate, day_left, month_left)), 5)
+    return (Admission(request_id, principal.tenant_id, plan, tokens, estimate),
+            Operation(plan, False, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3))
+
+
+def _bulk3(a: bytes, b: bytes, c: bytes) -> bytes:
+    """Three RESP bulk strings (`pack_args` for the hot path's fixed shapes)."""
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(a), a, len(b), b, len(c), c)
+
+
+def _bulk4(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n%b" % (len(a), a, _bulk3(b, c, d))
 
 
 def finish_admission(admission: Admission, result) -> Admission:
@@ -278,26 +298,25 @@ def finish_admission(admission: Admission, result) -> Admission:
         raise unavailable() from None
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
-    admission.headers = _headers(admission.plan.header_buckets, result)
+    admission.headers = _headers(admission.plan.header_kinds, result)
     return admission
 
 
-def _headers(header_buckets: list[tuple[str, int, Limit]], values: list) -> dict[str, str]:
+def _headers(header_kinds: list[tuple[tuple[str, str, str], list[tuple[int, str]]]], values: list) -> dict[str, str]:
     """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key).
 
-    `header_buckets`: (kind, position, bucket) of the buckets that feed a header; `values` is
-    the script's answer: 1, then remaining and reset (ms) for each bucket."""
-    chosen: dict[str, tuple[Limit, int, int]] = {}
-    for kind, i, bucket in header_buckets:
-        remaining = values[2 * i + 1]
-        best = chosen.get(kind)
-        if best is None or remaining < best[1]:
-            chosen[kind] = (bucket, remaining, values[2 * i + 2])
+    `header_kinds`: per kind, its header names and (position, limit text) of the buckets that
+    feed it; `values` is the script's answer: 1, then remaining and reset (ms) for each bucket."""
     headers = {}
-    for kind, (bucket, remaining, reset_ms) in chosen.items():
-        headers[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, remaining))
-        headers[f"x-ratelimit-reset-{kind}"] = reset_text(reset_ms)
+    for (limit_name, remaining_name, reset_name), candidates in header_kinds:
+        i, limit = candidates[0]
+        remaining = values[2 * i + 1]
+        for j, other in candidates[1:]:  # a key with limits of its own: the tighter one
+            if values[2 * j + 1] < remaining:
+                i, limit, remaining = j, other, values[2 * j + 1]
+        headers[limit_name] = limit
+        headers[remaining_name] = str(remaining) if remaining > 0 else "0"
+        headers[reset_name] = reset_text(values[2 * i + 2])
     return headers
 
 
@@ -313,7 +332,7 @@ def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row:
     """Refund or charge tokens, release the slot, settle spend, buffer the row: one operation."""
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
-    values = pack_args((admission.request_id, refund, delta, orjson.dumps(row, default=str)))
+    values = _bulk4(admission.request_id.encode(), b"%d" % refund, b"%d" % delta, orjson.dumps(row, default=str))
     return Operation(admission.plan, True, values, 4)
 
 
@@ -405,14 +424,16 @@ class _Batcher:
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
 MAX_CALL_OPERATIONS = 64  # per script call: ~1-2 ms of Redis time at most, then other clients' turn
-_HEADS = {(kind, i): pack_args((kind, i)) for kind in "as" for i in range(1, MAX_CALL_OPERATIONS + 1)}  # kind, plan index
+_HEADS = [[b""] + [pack_args((kind, i)) for i in range(1, MAX_CALL_OPERATIONS + 1)]
+          for kind in "as"]  # [settles][plan index]: the kind and the plan's index, packed
 
 
 def _call(batch: list[_Queued]) -> bytes:
     """The EVALSHA of lua/limits.lua for these operations: each plan once, then the operations."""
     index: dict[int, int] = {}
     keys, plans, operations = [], [], []
-    n_keys, n_args = 2, 1
+    n_keys, n_args = 2, 3
+    heads = _HEADS
     for operation, _, _ in batch:
         plan = operation.plan
         i = index.get(id(plan))
@@ -422,11 +443,27 @@ def _call(batch: list[_Queued]) -> bytes:
             plans.append(plan.args)
             n_keys += plan.n_keys
             n_args += plan.n_args
-        kind = "s" if operation.settles else "a"
-        operations += (_HEADS.get((kind, i)) or pack_args((kind, i)), operation.values)
+        operations.append(heads[operation.settles][i] if i <= MAX_CALL_OPERATIONS
+                          else pack_args(("s" if operation.settles else "a", i)))
+        operations.append(operation.values)
         n_args += 2 + operation.n_values
-    keys.append(pack_args((usage_stream(), alert_stream())))
-    return LIMITS.assemble(n_keys, keys, n_args, [pack_args((len(index),)), *plans, *operations])
+    keys.append(_streams())
+    (_, day_left), (_, month_left) = _current_periods()
+    return LIMITS.assemble(n_keys, keys, n_args,
+                           [_bulk3(b"%d" % len(index), b"%d" % day_left, b"%d" % month_left), *plans, *operations])
+
+
+_streams_packed: tuple[str, str, bytes] = ("", "", b"")
+
+
+def _streams() -> bytes:
+    """The usage and alert streams' names, packed (again only when the settings change)."""
+    global _streams_packed
+    gateway = settings.GATEWAY
+    usage, alert = gateway["USAGE_STREAM"], gateway["ALERT_STREAM"]
+    if _streams_packed[0] != usage or _streams_packed[1] != alert:
+        _streams_packed = (usage, alert, pack_args((usage, alert)))
+    return _streams_packed[2]
 
 
 def _outcome(done: asyncio.Future):

@@ -1,19 +1,20 @@
 -- Limits: the admissions and settlements of many requests, in one atomic step.
 -- Each scope (the tenant, and an API key with limits of its own) keeps one hash and one sorted
 -- set, read at most once per call however many requests it serves:
---   hash: token buckets (field <name> = level, <name>:ts = ms of the last change) and the spend
+--   hash: token buckets (field <name> = level, <name>:ts = ms of the last change), the spend
 --         of the current day and month (d / m = integer nano-dollars, d:p / m:p = the period
---         it counts, d:a / m:a = the highest alert threshold raised in that period);
+--         it counts, d:a / m:a = the highest alert threshold raised in that period), and x = the
+--         ms at which the hash expires, as last set;
 --   set:  concurrency slots, request id scored by expiry (a dead worker's slot frees itself).
 -- A plan is one principal's limits, sent once per call however many of its requests the call
 -- carries; an operation names its plan and carries only its request's own values.
 -- KEYS: per plan, per scope: hash, slot set; then the usage stream and the alert stream.
--- ARGV[1]: the number of plans; then per plan: slot ttl (ms), tenant id, key id, n_scopes,
+-- ARGV[1]: the number of plans; ARGV[2], ARGV[3]: seconds left today, this month; then per plan: slot ttl (ms), tenant id, key id, n_scopes,
 --   per scope: label, n_buckets, slot limit (0 = none), n_budgets, hash ttl (ms),
 --     per bucket: field, capacity, refill per ms, whether it counts tokens (1) or requests (0)
 --     per budget: field (d|m), period label, cap (nano-dollars)
 -- then the operations, each one of:
---   'a', plan, request id, tokens, estimated cost (nano-dollars), seconds left today, this month
+--   'a', plan, request id, tokens, estimated cost (nano-dollars)
 --   's', plan, request id, tokens reserved - used (negative charges more),
 --        actual - estimated cost (nano-dollars), the usage row (JSON)
 -- Operations run in the order given (callers put settlements first, so that the tokens and
@@ -80,7 +81,8 @@ local function slot_count(z)
   return z.n
 end
 
-local plans, a, k = {}, 2, 1
+local day_left, month_left = tonumber(A[2]), tonumber(A[3])
+local plans, a, k = {}, 4, 1
 for p = 1, tonumber(A[1]) do
   local plan = {slot_ttl = tonumber(A[a]), tenant = A[a + 1], key = A[a + 2], scopes = {}}
   local n_scopes = tonumber(A[a + 3])
@@ -108,7 +110,7 @@ for p = 1, tonumber(A[1]) do
   plans[p] = plan
 end
 
-local function admit(plan, rid, tokens, estimate, day_left, month_left)
+local function admit(plan, rid, tokens, estimate)
   local index, out, n_out = 0, {1}, 1
   local levels, spends = {}, {}
   -- Check every limit first; nothing is reserved unless all of them allow it.
@@ -259,9 +261,8 @@ while a <= n_args do
   local plan = plans[tonumber(A[a + 1])]
   n_replies = n_replies + 1
   if A[a] == 'a' then
-    replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
-                                      tonumber(A[a + 5]), tonumber(A[a + 6])))
-    a = a + 7
+    replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
+    a = a + 5
   else
     replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
     a = a + 6
@@ -277,8 +278,16 @@ for key, h in pairs(hashes) do
     n = n + 2
   end
   if n > 0 then
-    call('HSET', key, unpack(set))
-    call('PEXPIRE', key, h.ttl)
+    -- The hash must outlive its last change by h.ttl. Its expiry is pushed to twice that, and
+    -- noted in field x, only when less than h.ttl is left: a PEXPIRE per minute, not per call.
+    local until_ms = tonumber(f.x)
+    if until_ms == nil or until_ms - now < h.ttl then
+      set[n + 1], set[n + 2] = 'x', string.format('%d', now + 2 * h.ttl)
+      call('HSET', key, unpack(set))
+      call('PEXPIRE', key, 2 * h.ttl)
+    else
+      call('HSET', key, unpack(set))
+    end
   end
 end
 for key, z in pairs(slotsets) do

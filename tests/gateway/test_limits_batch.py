@@ -299,3 +299,25 @@ def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
                                   "threshold": 80, "spent_nano": 1, "cap_nano": 1, "request_id": "replayed"})
     drain_alerts()
     assert BudgetAlert.objects.filter(tenant=tenant).count() == 3
+
+
+def test_a_scope_hash_outlives_its_last_change_and_its_expiry_is_pushed_rarely(tenants):
+    who = principal(tenants, requests_per_minute=60)
+    key = f"gw:{{t{who.tenant_id}}}:lim"
+    ttl = limits._plan_for(who).scopes[0].ttl_ms  # the bucket's refill time + a minute
+    redis_ = get_redis()
+
+    def expiry() -> tuple[int, int]:
+        return redis_.pttl(key), int(redis_.hget(key, "x"))
+
+    asyncio.run(admit_together(who, [1]))
+    left, noted = expiry()
+    assert ttl < left <= 2 * ttl  # pushed to twice the ttl, so that many calls need not push it
+    assert abs(noted - (time.time() * 1000 + left)) < 1000  # and noted in the hash
+    asyncio.run(admit_together(who, [1]))
+    assert expiry()[1] == noted  # more than the ttl left: not pushed again
+    redis_.pexpire(key, ttl // 2)  # less than the ttl left (as x says): the next change pushes it
+    redis_.hset(key, "x", int(time.time() * 1000) + ttl // 2)
+    asyncio.run(admit_together(who, [1]))
+    left, pushed = expiry()
+    assert left > ttl and pushed > noted
