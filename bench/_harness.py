@@ -62,6 +62,8 @@ from llm_platform.embedded import free_port
 LOCK_FILES = (Path(tempfile.gettempdir()) / "gw-bench.lock", Path(tempfile.gettempdir()) / "gw-bench-overhead.lock")
 
 
+SIDE_TREE = "_TREE"  # in a side's settings: the checkout its platform process runs from (default: this one)
+
 class Busy(RuntimeError):
     pass
 
@@ -211,10 +213,11 @@ class Bench:
                        key: str | None = None, model: str | None = None) -> Platform:
         """A platform process on the platform core, healthy; with `key`, its first chat request sent."""
         env = {**self.env, **(extra_env or {})}
+        cwd = env.pop(SIDE_TREE, None)
         port = free_port()
         name = label if label == "platform" else f"platform-{label}-{len(self.platform_logs) + 1}"
         spawned = time.monotonic()
-        proc = self.procs.start(name, platform_command(server, port), env, self.platform_cpu)
+        proc = self.procs.start(name, platform_command(server, port), env, self.platform_cpu, cwd=cwd)
         log = self.procs.logs / f"{name}.log"
         self.platform_logs.append(log)
         url = f"http://{HOST}:{port}"

@@ -58,13 +58,13 @@ class Processes:
         self.logs = logs
         self.children: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def start(self, name: str, cmd: list[str], env: dict, cpu: int | None, stdout=None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict, cpu: int | None, stdout=None, cwd=None) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
         if cpu is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(cpu), *cmd]  # taskset execs the command: same pid
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                cmd, cwd=cwd or ROOT, env=env, stdin=subprocess.DEVNULL,
                 stdout=stdout if stdout is not None else out,
                 stderr=out if stdout is not None else subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop them in order

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/limits.py [--duration 10] [--rounds 2] [--slice 0.5]
                                       [--non-stream 1,8,32] [--stream 1,8] [--quick] [--profile DIR]
+                                      [--baseline TREE]
 
 The bench tenant has real, generous limits that never refuse (requests per minute and hour,
 tokens per minute, concurrency, daily and monthly budget), so every call runs the admission
@@ -13,6 +14,10 @@ gives p50, p99, req/s and CPU per request of each side, the p50 difference (also
 the throughput ratio, then PASS/FAIL against the issue's targets: limits add at most 0.5 ms to
 p50 and cost at most 10% of non-streaming throughput. Any 429 is an error (the limits must not
 refuse).
+
+With --baseline TREE both sides have limits on and the off side runs the code in TREE (another
+checkout, e.g. `git worktree add --detach /tmp/base HEAD~1`): a change measured against the code
+before it under the same noise, which separate runs on this VM cannot resolve.
 
 The stack is the one of bench/overhead.py (bench/README.md): platform on core 0; fake upstream,
 usage writer and load on core 1; database gw_bench, Redis db 15; loopback only. Everything is
@@ -27,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import Bench, run_bench  # noqa: E402
+from bench._harness import SIDE_TREE, Bench, run_bench  # noqa: E402
 from bench._load import (  # noqa: E402
     CHUNKS,
     OTHER_PLATFORM_ROLE,
@@ -75,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stream", default="1,8", help="streaming concurrencies (default 1,8; '' for none)")
     parser.add_argument("--quick", action="store_true", help="smoke run (~30 s)")
     parser.add_argument("--embedded", action="store_true", help="use embedded PostgreSQL/Redis even if others answer")
+    parser.add_argument("--baseline", metavar="TREE", default=None,
+                        help="compare two versions with limits on: the off side becomes limits on, running the code "
+                             "in TREE (a checkout of another commit: git worktree add --detach /tmp/base HEAD~1)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="record both platform processes with py-spy (if installed) during each cell, as "
                              "collapsed stacks in DIR")
@@ -89,6 +97,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("concurrencies are comma-separated integers, e.g. 1,8,32")
     if not args.cells or min(c for _, c in args.cells) < 1 or args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
         parser.error("need concurrency >= 1, duration > 0, rounds >= 1, warmup >= 0")
+    if args.baseline is not None:
+        tree = Path(args.baseline).resolve()
+        if not (tree / "llm_platform" / "asgi.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a checkout of this project")
+        args.baseline = str(tree)
     if not 0.05 <= args.slice <= 2:
         parser.error("--slice must be between 0.05 and 2 s (a turn must stay under uvicorn's 5 s keep-alive)")
     return args
@@ -178,7 +191,15 @@ def main(argv: list[str]) -> int:
     return run_bench(budget, args.embedded, measure, args)
 
 
+def sides_for(args: argparse.Namespace) -> dict[str, dict]:
+    """Each side's platform settings; with --baseline, the off side is limits on, from TREE."""
+    if args.baseline is None:
+        return SIDES
+    return {"on": SIDES["on"], "off": {**SIDES["on"], SIDE_TREE: args.baseline}}
+
+
 def measure(bench: Bench, args: argparse.Namespace) -> int:
+    sides = sides_for(args)
     upstream_root = bench.start_upstream()
     key = bench.prepare(ROUTES_YAML.format(route=ROUTE, upstream_model=UPSTREAM_MODEL, base_url=upstream_root,
                                            key_env=UPSTREAM_KEY_ENV), GENEROUS)
@@ -189,7 +210,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
     firsts: dict[str, list[float]] = {side: [] for side in SIDES}
     header_seen: dict[str, set[bool]] = {side: set() for side in SIDES}
     for r in range(args.rounds):
-        plats = bench.start_sides(SIDES, r, "limits", key=None)
+        plats = bench.start_sides(sides, r, "limits", key=None)
         for side, plat in plats.items():
             first_ms, first_headers = first_request(plat.chat_url, key)
             header_seen[side].add(LIMIT_HEADER in first_headers)
@@ -217,7 +238,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
             bench.stop_platform(plat)
 
     left, pending, rows, cost = bench.usage()
-    header("Limits on vs off", f"{args.rounds} round(s) of fresh on/off processes, {args.duration:g} s measured per "
+    title = "Limits on vs off" if args.baseline is None else f"This tree (on) vs the tree in {args.baseline} (off), limits on in both"
+    header(title, f"{args.rounds} round(s) of fresh on/off processes, {args.duration:g} s measured per "
                                f"cell and side in {args.slice:g} s slices alternating between the sides, after "
                                f"{args.warmup:g} s warm-up per round; {CHUNKS}-chunk streams")
     merged = print_table(args.cells, runs)
@@ -235,12 +257,16 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
     everything = [r for results in runs.values() for r in results]
     served = sum(r.good for r in everything) + sum(len(v) for v in firsts.values())  # + the first requests
     limited = sum(r.statuses.get(429, 0) for (side, *_), results in runs.items() if side == "on" for r in results)
-    print_targets(merged, limited)
+    if args.baseline is None:
+        print_targets(merged, limited)
+    else:
+        print("\nTargets: not judged against a baseline tree (on/off here is this tree / that tree)")
     problems = []
     if header_seen["on"] != {True}:
         problems.append(f"limits on: {LIMIT_HEADER} missing, so admission did not run")
-    if header_seen["off"] != {False}:
-        problems.append(f"limits off: {LIMIT_HEADER} present, so GW_LIMITS_ENABLED=0 was not honoured")
+    if header_seen["off"] != {args.baseline is not None}:
+        problems.append(f"limits off: {LIMIT_HEADER} present, so GW_LIMITS_ENABLED=0 was not honoured"
+                        if args.baseline is None else f"baseline: {LIMIT_HEADER} missing, so admission did not run")
     if rows != served:
         problems.append(f"{rows:,} usage rows for {served:,} good answers: every answer must have exactly one")
     for text in problems:
