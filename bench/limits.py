@@ -1,6 +1,6 @@
 """What limits cost: the platform with limits on vs off, side by side in one run.
 
-    .venv/bin/python bench/limits.py [--duration 10] [--rounds 2] [--slice 0.5]
+    .venv/bin/python bench/limits.py [--duration 12] [--rounds 4] [--slice 0.5]
                                       [--non-stream 1,8,32] [--stream 1,8] [--quick] [--profile DIR]
                                       [--baseline TREE]
 
@@ -71,9 +71,9 @@ LIMIT_HEADER = "x-ratelimit-limit-requests"  # sent only when admission ran
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Platform overhead with limits on vs off (bench/README.md).")
     parser.add_argument("--duration", type=float, default=None,
-                        help="measured seconds per cell and side, split over the rounds (default 10; 1.5 with --quick)")
+                        help="measured seconds per cell and side, split over the rounds (default 12; 1.5 with --quick)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds, each with a fresh pair of platform processes (default 2; 1 with --quick)")
+                        help="rounds, each with a fresh pair of platform processes (default 4; 1 with --quick)")
     parser.add_argument("--slice", type=float, default=0.5, help="seconds of load on one side before switching (0.5)")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per cell, side and round (0.5)")
     parser.add_argument("--non-stream", default=None, help="non-streaming concurrencies (default 1,8,32; 1,8 with --quick)")
@@ -87,8 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="record both platform processes with py-spy (if installed) during each cell, as "
                              "collapsed stacks in DIR")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (1.5 if args.quick else 10.0)
-    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    args.duration = args.duration or (1.5 if args.quick else 12.0)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
     args.non_stream = args.non_stream if args.non_stream is not None else ("1,8" if args.quick else "1,8,32")
     try:
         args.cells = [(False, int(c)) for c in args.non_stream.split(",") if c.strip()]
