@@ -4,6 +4,7 @@ each sees the effects of those before it, as if they had been sent one by one.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import socket
@@ -321,3 +322,21 @@ def test_a_scope_hash_outlives_its_last_change_and_its_expiry_is_pushed_rarely(t
     asyncio.run(admit_together(who, [1]))
     left, pushed = expiry()
     assert left > ttl and pushed > noted
+
+
+def test_two_plans_of_one_tenant_in_one_call_share_its_buckets(tenants, calls):
+    """Two principal objects of one key (an auth cache filled twice, say) are two plans in the
+    call; the tenant's hash is still one state: each admission sees the others'."""
+    who = principal(tenants, requests_per_minute=4)
+    twin = Principal(**{f.name: getattr(who, f.name) for f in dataclasses.fields(who)})
+    assert twin is not who and limits._plan_for(twin) is not limits._plan_for(who)
+
+    async def scenario():
+        prepared = [limits.prepare_admission(p, f"req-{uuid.uuid4().hex}", 1, 0) for p in (who, twin) * 3]
+        replies = await asyncio.gather(*(limits.submit(operation) for _, operation in prepared))
+        return [outcome(admission, reply) for (admission, _), reply in zip(prepared, replies, strict=True)]
+
+    results = asyncio.run(scenario())
+    assert len(calls) == 1
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in results[:4]] == ["3", "2", "1", "0"]
+    assert all(isinstance(r, GatewayError) and r.status == 429 for r in results[4:])
