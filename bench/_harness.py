@@ -64,6 +64,7 @@ LOCK_FILES = (Path(tempfile.gettempdir()) / "gw-bench.lock", Path(tempfile.gette
 
 SIDE_TREE = "_TREE"  # in a side's settings: the checkout its platform process runs from (default: this one)
 
+
 class Busy(RuntimeError):
     pass
 

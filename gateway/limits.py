@@ -320,14 +320,6 @@ def _headers(header_kinds: list[tuple[tuple[str, str, str], list[tuple[int, str]
     return headers
 
 
-def usage_stream() -> str:
-    return settings.GATEWAY["USAGE_STREAM"]
-
-
-def alert_stream() -> str:
-    return settings.GATEWAY["ALERT_STREAM"]
-
-
 def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> Operation:
     """Refund or charge tokens, release the slot, settle spend, buffer the row: one operation."""
     refund = admission.reserved_tokens - used_tokens
@@ -443,8 +435,7 @@ def _call(batch: list[_Queued]) -> bytes:
             plans.append(plan.args)
             n_keys += plan.n_keys
             n_args += plan.n_args
-        operations.append(heads[operation.settles][i] if i <= MAX_CALL_OPERATIONS
-                          else pack_args(("s" if operation.settles else "a", i)))
+        operations.append(heads[operation.settles][i])  # a call has at most MAX_CALL_OPERATIONS plans
         operations.append(operation.values)
         n_args += 2 + operation.n_values
     keys.append(_streams())
