@@ -290,8 +290,13 @@ for key, h in pairs(hashes) do
     end
   end
 end
+-- A slot set must outlive its newest slot's expiry (z.ttl covers it). As for a hash, its expiry
+-- is pushed, to twice that, only when less is left: PTTL is a read, far cheaper than a write.
 for key, z in pairs(slotsets) do
   local ok = pcall(send_slots, z)  -- a slot set of the wrong type: its operations answered their errors
-  if z.ttl > 0 and ok then call('PEXPIRE', key, z.ttl) end
+  if z.ttl > 0 and ok then
+    local left = call('PTTL', key)
+    if left == -1 or (left >= 0 and left < z.ttl) then call('PEXPIRE', key, 2 * z.ttl) end
+  end
 end
 return replies

@@ -324,6 +324,24 @@ def test_a_scope_hash_outlives_its_last_change_and_its_expiry_is_pushed_rarely(t
     assert left > ttl and pushed > noted
 
 
+def test_a_slot_set_outlives_its_newest_slot_and_its_expiry_is_pushed_rarely(tenants):
+    who = principal(tenants, max_concurrent=5)
+    key = f"gw:{{t{who.tenant_id}}}:conc"
+    ttl = int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000) + 60_000  # a slot's life + a minute
+    redis_ = get_redis()
+
+    asyncio.run(admit_together(who, [1]))
+    assert ttl < redis_.pttl(key) <= 2 * ttl  # pushed to twice what it must outlive
+    newest = max(score for _, score in redis_.zrange(key, 0, -1, withscores=True))
+    assert redis_.pttl(key) > newest - time.time() * 1000  # the set outlives its newest slot
+    redis_.pexpire(key, ttl + 30_000)  # more than ttl left: the next admission leaves it
+    asyncio.run(admit_together(who, [1]))
+    assert redis_.zcard(key) == 2 and ttl < redis_.pttl(key) <= ttl + 30_000
+    redis_.pexpire(key, ttl // 2)  # less than ttl left: the next admission pushes it
+    asyncio.run(admit_together(who, [1]))
+    assert redis_.zcard(key) == 3 and redis_.pttl(key) > ttl
+
+
 def test_two_plans_of_one_tenant_in_one_call_share_its_buckets(tenants, calls):
     """Two principal objects of one key (an auth cache filled twice, say) are two plans in the
     call; the tenant's hash is still one state: each admission sees the others'."""
