@@ -281,13 +281,10 @@ for key, h in pairs(hashes) do
     -- The hash must outlive its last change by h.ttl. Its expiry is pushed to twice that, and
     -- noted in field x, only when less than h.ttl is left: a PEXPIRE per minute, not per call.
     local until_ms = tonumber(f.x)
-    if until_ms == nil or until_ms - now < h.ttl then
-      set[n + 1], set[n + 2] = 'x', string.format('%d', now + 2 * h.ttl)
-      call('HSET', key, unpack(set))
-      call('PEXPIRE', key, 2 * h.ttl)
-    else
-      call('HSET', key, unpack(set))
-    end
+    local push = until_ms == nil or until_ms - now < h.ttl
+    if push then set[n + 1], set[n + 2] = 'x', string.format('%d', now + 2 * h.ttl) end
+    call('HSET', key, unpack(set))
+    if push then call('PEXPIRE', key, 2 * h.ttl) end
   end
 end
 -- A slot set must outlive its newest slot's expiry (z.ttl covers it). As for a hash, its expiry
