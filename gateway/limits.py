@@ -6,7 +6,9 @@ scored by expiry, so a dead worker's slot frees itself), and daily/monthly spend
 refunds unused reserved tokens (or charges an overshoot), releases the slot, settles spend from
 the real cost, raises 80%/100% budget alerts once per period and buffers the usage row.
 
-Both are operations of one script, lua/limits.lua, which runs any number of them atomically.
+Both are operations of one Redis Function, lua/limits.lua, which runs any number of them
+atomically. It keeps each principal's limits (a plan) parsed between calls: a call sends a plan
+in full once, then only its name (again in full if Redis says NOPLAN).
 The operations a process issues during one event-loop iteration go to Redis as one call of it
 (settlements, which no client waits for, wait up to GW_REDIS_DEFER_MS to join the next
 admissions): under load Redis reads each scope's state once per call, not twice per request,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -37,12 +40,12 @@ from tenants.principal import Principal
 
 from .api.errors import GatewayError
 from .routing import LaneSpec
-from .scripts import LuaScript
+from .scripts import LuaFunction
 
 NANO = Decimal(1_000_000_000)
 
 
-LIMITS = LuaScript("limits.lua")
+LIMITS = LuaFunction("limits.lua", "gw_limits")
 
 
 def nano(amount: Decimal) -> int:
@@ -192,8 +195,11 @@ class _Plan:
     slot_keys: list[str]
     keys: bytes = b""  # per scope: hash, slot set (packed)
     n_keys: int = 0
-    args: bytes = b""  # the plan's part of the script's arguments (packed)
-    n_args: int = 0
+    name: str = ""  # a digest of its keys and arguments: what the script knows it by
+    full: bytes = b""  # the plan's part of the script's arguments, spelled out (packed)
+    n_full: int = 0
+    short: bytes = b""  # the same, by name only
+
     # per header kind ("requests", "tokens"): its three header names, then (position, limit as
     # text) of each bucket that feeds it, in the order the script reports buckets
     header_kinds: list[tuple[tuple[str, str, str], list[tuple[int, str]]]] = field(default_factory=list)
@@ -232,7 +238,10 @@ def _plan_for(principal: Principal) -> _Plan:
                           candidates) for kind, candidates in kinds.items()]
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
-        plan.args, plan.n_args = pack_args(spec), len(spec)
+        args = pack_args(spec)
+        plan.name = hashlib.sha1(plan.keys + args).hexdigest()[:20]
+        plan.full, plan.n_full = pack_args((plan.name, len(spec))) + args, 2 + len(spec)
+        plan.short = pack_args((plan.name, 0))
     if len(_plans) > 10_000:
         _plans.clear()
     _plans[id(principal)] = plan
@@ -356,7 +365,7 @@ class _Batcher:
     iteration, as before; a busy one sends one call per round trip instead of one per request,
     which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
 
-    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight", "overdue")
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight", "overdue", "known")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -366,6 +375,7 @@ class _Batcher:
         self.later: asyncio.TimerHandle | None = None  # a call of deferred settlements is due
         self.inflight = 0  # calls sent, not answered
         self.overdue = False  # deferred settlements are due, a call being in flight
+        self.known: set[str] = set()  # the plans sent in full (Redis keeps them): sent by name
 
     def submit(self, operation: Operation, defer: bool, abandoned: Callable[[list], None] | None) -> asyncio.Future:
         waiter = self.loop.create_future()
@@ -397,18 +407,26 @@ class _Batcher:
         for start in range(0, len(queued), MAX_CALL_OPERATIONS):  # a burst must not hold Redis long
             self.send(queued[start:start + MAX_CALL_OPERATIONS])
 
-    def send(self, batch: list[_Queued]) -> None:
+    def send(self, batch: list[_Queued], spelled_out: bool = False) -> None:
+        """`spelled_out`: every plan in full (Redis said NOPLAN to the call by names)."""
         try:
-            reply = get_resp().evalsha_now(LIMITS, _call(batch))
+            reply = get_resp().evalsha_now(LIMITS, _call(batch, self.known, spelled_out))
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             _deliver(batch, exc)
             return
         self.inflight += 1
-        reply.add_done_callback(lambda done: self.answered(batch, done))
+        reply.add_done_callback(lambda done: self.answered(batch, done, spelled_out))
 
-    def answered(self, batch: list[_Queued], done: asyncio.Future) -> None:
+    def answered(self, batch: list[_Queued], done: asyncio.Future, spelled_out: bool = False) -> None:
         self.inflight -= 1
-        _deliver(batch, _outcome(done))
+        outcome = _outcome(done)
+        if not spelled_out and isinstance(outcome, rx.ResponseError) and str(outcome).startswith("NOPLAN"):
+            # Redis does not have a plan this call named (the library was loaded again, or it
+            # let its plans go): nothing ran; the same operations go again, every plan in full.
+            self.known.clear()
+            self.send(batch, spelled_out=True)
+        else:
+            _deliver(batch, outcome)
         if (self.admits or self.overdue) and not self.soon and self.inflight == 0:
             self.soon = True  # at the end of this iteration, with whatever arrives meanwhile
             self.loop.call_soon(self.flush)
@@ -416,12 +434,16 @@ class _Batcher:
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
 MAX_CALL_OPERATIONS = 64  # per script call: ~1-2 ms of Redis time at most, then other clients' turn
+MAX_KNOWN_PLANS = 10_000  # the library's MAX_PLANS: past it, plans are spelled out again
 _HEADS = [[b""] + [pack_args((kind, i)) for i in range(1, MAX_CALL_OPERATIONS + 1)]
           for kind in "as"]  # [settles][plan index]: the kind and the plan's index, packed
 
 
-def _call(batch: list[_Queued]) -> bytes:
-    """The EVALSHA of lua/limits.lua for these operations: each plan once, then the operations."""
+def _call(batch: list[_Queued], known: set[str], spell_out: bool = False) -> bytes:
+    """The FCALL of lua/limits.lua for these operations: each plan once (by name if it is in
+    `known` and not `spell_out`; else in full, and added to it), then the operations."""
+    if len(known) > MAX_KNOWN_PLANS:
+        known.clear()
     index: dict[int, int] = {}
     keys, plans, operations = [], [], []
     n_keys, n_args = 2, 3
@@ -432,9 +454,14 @@ def _call(batch: list[_Queued]) -> bytes:
         if i is None:
             i = index[id(plan)] = len(index) + 1
             keys.append(plan.keys)
-            plans.append(plan.args)
             n_keys += plan.n_keys
-            n_args += plan.n_args
+            if not spell_out and plan.name in known:
+                plans.append(plan.short)
+                n_args += 2
+            else:
+                plans.append(plan.full)
+                n_args += plan.n_full
+                known.add(plan.name)
         operations.append(heads[operation.settles][i])  # a call has at most MAX_CALL_OPERATIONS plans
         operations.append(operation.values)
         n_args += 2 + operation.n_values

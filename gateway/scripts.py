@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from llm_platform.resp import Script, get_resp, raise_errors
+from llm_platform.resp import Function, Script, get_resp, raise_errors
 
-__all__ = ["LuaScript", "ScriptCall", "run_scripts"]
+__all__ = ["LuaFunction", "LuaScript", "ScriptCall", "run_scripts"]
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -29,6 +29,16 @@ class LuaScript(Script):
 
     async def run(self, keys: list, args: list):
         return await get_resp().evalsha(self, keys, args)
+
+
+class LuaFunction(Function):
+    """A function library from gateway/lua/ (`#!lua name=<name>`), called with FCALL (loaded
+    again when Redis says it has no such function)."""
+
+    __slots__ = ()
+
+    def __init__(self, file: str, name: str) -> None:
+        super().__init__((_LUA / file).read_text(), name)
 
 
 class ScriptCall(NamedTuple):

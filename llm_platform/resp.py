@@ -82,18 +82,57 @@ class Script:
         self._head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + _CRLF
 
     def pack(self, keys: list, args: list) -> bytes:
-        """The EVALSHA command in RESP, for `evalsha_packed`."""
+        """The call (EVALSHA; FCALL for a `Function`) in RESP, for `evalsha_packed`."""
         out = [b"*%d\r\n" % (3 + len(keys) + len(args)), self._head]
         _pack_into(out, (len(keys), *keys, *args))
         return b"".join(out)
 
     def assemble(self, n_keys: int, keys: list[bytes], n_args: int, args: list[bytes]) -> bytes:
-        """The EVALSHA command from keys and arguments already packed (`pack_args`):
+        """The call from keys and arguments already packed (`pack_args`):
         `n_keys` keys in `keys`, `n_args` arguments in `args`."""
         return b"".join((b"*%d\r\n" % (3 + n_keys + n_args), self._head, pack_args((n_keys,)), *keys, *args))
 
+    def missing(self, reply) -> bool:
+        """Whether `reply` says Redis does not have this script (then `load` is sent, and the call again)."""
+        return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+
+    @property
+    def load(self) -> bytes:
+        return _pack(("SCRIPT", "LOAD", self.source))
+
     def __repr__(self) -> str:
         return f"Script({self.sha})"
+
+
+class Function(Script):
+    """A Redis Function library (Redis 7+) of one function, called by name with `FCALL`; loaded
+    when Redis says it has no such function. Unlike a script, a library keeps state between
+    calls (its top-level locals) for as long as Redis keeps it.
+
+    `source` registers its function under the library's own name (`#!lua name=<name>` and
+    `redis.register_function('<name>', ...)`). Both are renamed `<name>_<hash of the source>`, so
+    that processes running two versions of the code (during a deploy) each call their own."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, source: str, name: str):
+        shebang, quoted = f"#!lua name={name}\n", f"'{name}'"
+        if not source.startswith(shebang) or source.count(quoted) != 1:
+            raise ValueError(f"a library must start with {shebang!r} and register one function {quoted}")
+        digest = hashlib.sha1(source.encode()).hexdigest()
+        self.name = f"{name}_{digest[:16]}"
+        super().__init__(source.replace(shebang, f"#!lua name={self.name}\n", 1).replace(quoted, f"'{self.name}'"))
+        self._head = b"$5\r\nFCALL\r\n" + pack_args((self.name,))
+
+    def missing(self, reply) -> bool:
+        return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
+
+    @property
+    def load(self) -> bytes:
+        return _pack(("FUNCTION", "LOAD", "REPLACE", self.source))  # REPLACE: another process may load it first
+
+    def __repr__(self) -> str:
+        return f"Function({self.name})"
 
 
 def pack_args(args) -> bytes:
@@ -109,10 +148,6 @@ def raise_errors(replies: list) -> list:
         if isinstance(reply, ResponseError):
             raise reply
     return replies
-
-
-def _is_noscript(reply) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
 
 
 class _Batch:
@@ -352,17 +387,17 @@ class RespClient:
 
         `defer`: the write may wait up to `defer_s` for another request to share it (work no
         client waits for: settlement, usage rows, lane reports).
-        Calls answered NOSCRIPT are retried once after loading their scripts, so they run after
-        the others in the batch.
+        Calls of a script or function Redis lacks (NOSCRIPT, "Function not found") are retried
+        once after loading it, so they run after the others in the batch.
         """
         if not calls:
             return []
         datas = [data for _, data in calls]
         replies = await self._send_many(datas, defer)
-        missing = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+        missing = [i for i, reply in enumerate(replies) if calls[i][0].missing(reply)]
         if missing:
             scripts = {calls[i][0].sha: calls[i][0] for i in missing}
-            loads = [_pack(("SCRIPT", "LOAD", script.source)) for script in scripts.values()]
+            loads = [script.load for script in scripts.values()]
             again = await self._send_many(loads + [datas[i] for i in missing])
             loaded, retried = again[:len(loads)], again[len(loads):]
             load_errors = {sha: reply for sha, reply in zip(scripts, loaded, strict=True)
@@ -373,14 +408,14 @@ class RespClient:
 
     def evalsha_now(self, script: Script, data: bytes) -> asyncio.Future:
         """One packed script call written at once (see `_Connection.request`); its reply, or its
-        error reply (NOSCRIPT is handled), as a future. While (re)connecting, it goes in a task."""
+        error reply (a script or function Redis lacks is loaded), as a future. While (re)connecting, it goes in a task."""
         conn = self._conn
         if conn is None or conn.closed:
             return asyncio.ensure_future(self._evalsha_one(script, data))
         result = conn._loop.create_future()
 
         def answered(reply: asyncio.Future) -> None:
-            if not reply.cancelled() and reply.exception() is None and _is_noscript(reply.result()):
+            if not reply.cancelled() and reply.exception() is None and script.missing(reply.result()):
                 reply = asyncio.ensure_future(self._evalsha_one(script, data))  # loads it, then runs it
                 reply.add_done_callback(lambda again: _chain(again, result))
             else:

@@ -23,7 +23,7 @@ from redis.asyncio.connection import parse_url
 
 from llm_platform.embedded import free_port
 from llm_platform.redis import get_redis
-from llm_platform.resp import RespClient, Script, get_resp, pack_args
+from llm_platform.resp import Function, RespClient, Script, get_resp, pack_args
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 REDIS = parse_url(settings.REDIS_URL)
@@ -364,6 +364,42 @@ def test_scripts_are_loaded_again_after_script_flush(run, prefix):
     assert (first, second, a, b, c) == (1, 11, 111, b"e", 1111)
     assert isinstance(error, rx.ResponseError) and "nope" in str(error)
     assert get_redis().script_exists(counter.sha, echo.sha, failing.sha) == [True, True, True]
+
+
+def test_a_function_is_loaded_when_redis_lacks_it_and_keeps_its_state_between_calls(run, prefix):
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    counter = Function(f"#!lua name={name}\nlocal calls = 0\nredis.register_function('{name}', function(keys, args)\n"
+                       "  calls = calls + 1\n  return {calls, redis.call('INCRBY', keys[1], args[1])}\nend)\n", name)
+
+    async def main():
+        client = RespClient(settings.REDIS_URL)
+        try:
+            first = await client.evalsha(counter, [prefix + "n"], [1])  # not loaded: loaded, then called
+            second = await client.evalsha_now(counter, counter.pack([prefix + "n"], [10]))
+            get_redis().function_delete(counter.name)  # what a restart or FUNCTION FLUSH does
+            third = await client.evalsha_now(counter, counter.pack([prefix + "n"], [100]))
+            fourth = await client.evalsha_many([(counter, [prefix + "n"], [1000])])
+            return first, second, third, fourth
+        finally:
+            await client.aclose()
+            get_redis().function_delete(counter.name)
+
+    assert run(main()) == ([1, 1], [2, 11], [1, 111], [[2, 1111]])  # loaded again: its state starts over
+
+
+def test_a_function_is_named_after_its_source_so_that_two_versions_run_side_by_side():
+    source = "#!lua name=lib\nredis.register_function('lib', function(keys, args) return {VERSION} end)\n"
+    one, two = Function(source.replace("{VERSION}", "1"), "lib"), Function(source.replace("{VERSION}", "2"), "lib")
+    assert one.name.startswith("lib_") and two.name.startswith("lib_") and one.name != two.name
+    try:
+        get_redis().function_load(one.source)
+        get_redis().function_load(two.source)  # both loaded at once
+        assert (get_redis().fcall(one.name, 0), get_redis().fcall(two.name, 0)) == (1, 2)
+    finally:
+        for function in (one, two):
+            get_redis().function_delete(function.name)
+    with pytest.raises(ValueError, match="must start with"):
+        Function("redis.register_function('lib', function() return 1 end)", "lib")
 
 
 def test_a_command_assembled_from_packed_pieces_is_the_packed_command():

@@ -1,4 +1,8 @@
--- Limits: the admissions and settlements of many requests, in one atomic step.
+#!lua name=gw_limits
+-- Limits: the admissions and settlements of many requests, in one atomic step. A Redis Function
+-- library (FUNCTION LOAD; gateway/limits.py loads it under a name carrying its source's hash, so
+-- that two versions of the platform run side by side during a deploy): its top-level locals
+-- live as long as the library, which keeps each plan parsed between calls.
 -- Each scope (the tenant, and an API key with limits of its own) keeps one hash and one sorted
 -- set, read at most once per call however many requests it serves:
 --   hash: token buckets (field <name> = level, <name>:ts = ms of the last change), the spend
@@ -6,10 +10,15 @@
 --         it counts, d:a / m:a = the highest alert threshold raised in that period), and x = the
 --         ms at which the hash expires, as last set;
 --   set:  concurrency slots, request id scored by expiry (a dead worker's slot frees itself).
--- A plan is one principal's limits, sent once per call however many of its requests the call
--- carries; an operation names its plan and carries only its request's own values.
+-- A plan is one principal's limits, named by a digest of its keys and arguments. A call sends a
+-- plan's arguments the first time, then only its name: the library keeps the plans it has
+-- parsed (up to MAX_PLANS; then it forgets them all), and a call naming a plan it does not have
+-- is refused whole, before anything runs, with the error NOPLAN: the caller sends it again with
+-- every plan spelled out. An operation names its plan and carries only its request's own values.
 -- KEYS: per plan, per scope: hash, slot set; then the usage stream and the alert stream.
--- ARGV[1]: the number of plans; ARGV[2], ARGV[3]: seconds left today, this month; then per plan: slot ttl (ms), tenant id, key id, n_scopes,
+-- ARGV[1]: the number of plans; ARGV[2], ARGV[3]: seconds left today, this month; then per plan:
+--   its name, the number of its arguments that follow (0: the library has it), then those:
+--   slot ttl (ms), tenant id, key id, n_scopes,
 --   per scope: label, n_buckets, slot limit (0 = none), n_budgets, hash ttl (ms),
 --     per bucket: field, capacity, refill per ms, whether it counts tokens (1) or requests (0)
 --     per budget: field (d|m), period label, cap (nano-dollars)
@@ -22,13 +31,16 @@
 -- {0, failed_index, retry_after_ms} on refusal (index 1-based over every limit in the order: per
 -- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
 -- bucket in order; a settlement's number of budget alerts raised.
-local A, K = ARGV, KEYS
-local call, tonumber, floor, ceil = redis.call, tonumber, math.floor, math.ceil
-local usage_stream, alert_stream = K[#K - 1], K[#K]
-local t = call('TIME')
-local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+-- While a library loads, it sees no globals but `redis`: the builtins it keeps as locals are
+-- taken at its first call.
+local function builtins() return redis.call, tonumber, math.floor, math.ceil, unpack end
+local call, tonumber, floor, ceil, unpack
 local THRESHOLDS = {80, 100}
-local hashes, slotsets = {}, {}
+local MAX_PLANS = 10000
+local plans_by_name, n_plans_kept = {}, 0
+
+-- The call in progress (Redis runs one at a time): set at its start.
+local now, hashes, slotsets, usage_stream, alert_stream, day_left, month_left
 
 -- A scope hash's fields, read once; changes are written back once, at the end.
 local function hash(key)
@@ -81,9 +93,9 @@ local function slot_count(z)
   return z.n
 end
 
-local day_left, month_left = tonumber(A[2]), tonumber(A[3])
-local plans, a, k = {}, 4, 1
-for p = 1, tonumber(A[1]) do
+-- One plan from its arguments at A[a] (n of them), its scopes' keys from K[k]: a table kept
+-- as long as the library (the name covers the keys as well as the arguments).
+local function parse_plan(K, k, A, a)
   local plan = {slot_ttl = tonumber(A[a]), tenant = A[a + 1], key = A[a + 2], scopes = {}}
   local n_scopes = tonumber(A[a + 3])
   a = a + 4
@@ -107,7 +119,7 @@ for p = 1, tonumber(A[1]) do
     plan.scopes[s] = scope
   end
   plan.n_scopes = n_scopes
-  plans[p] = plan
+  return plan
 end
 
 local function admit(plan, rid, tokens, estimate)
@@ -255,45 +267,80 @@ local function answer(ok, reply)
   return {err = tostring(reply)}
 end
 
-local replies, n_replies = {}, 0
-local n_args = #A
-while a <= n_args do
-  local plan = plans[tonumber(A[a + 1])]
-  n_replies = n_replies + 1
-  if A[a] == 'a' then
-    replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
-    a = a + 5
-  else
-    replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
-    a = a + 6
+local function run(K, A)
+  if call == nil then call, tonumber, floor, ceil, unpack = builtins() end
+  local t = call('TIME')
+  now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+  hashes, slotsets = {}, {}
+  usage_stream, alert_stream = K[#K - 1], K[#K]
+  day_left, month_left = tonumber(A[2]), tonumber(A[3])
+  -- The plans, each parsed or found; nothing runs unless every one of them is known.
+  local plans, a, k = {}, 4, 1
+  for p = 1, tonumber(A[1]) do
+    local name, n = A[a], tonumber(A[a + 1])
+    local plan = plans_by_name[name]
+    if n > 0 then
+      if plan == nil then
+        plan = parse_plan(K, k, A, a + 2)
+        if n_plans_kept >= MAX_PLANS then plans_by_name, n_plans_kept = {}, 0 end
+        plans_by_name[name], n_plans_kept = plan, n_plans_kept + 1
+      end
+    elseif plan == nil then
+      return redis.error_reply('NOPLAN this call names a plan the library does not have: send every plan')
+    end
+    plans[p] = plan
+    k = k + 2 * plan.n_scopes
+    a = a + 2 + n
   end
+
+  local replies, n_replies = {}, 0
+  local n_args = #A
+  while a <= n_args do
+    local plan = plans[tonumber(A[a + 1])]
+    n_replies = n_replies + 1
+    if A[a] == 'a' then
+      replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
+      a = a + 5
+    else
+      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
+      a = a + 6
+    end
+  end
+
+  local now_text  -- every bucket changed in this call changed now: its time is formatted once
+  for key, h in pairs(hashes) do
+    local set, n, f = {}, 0, h.f
+    for field in pairs(h.dirty) do
+      local v = f[field]
+      if v == now then
+        if now_text == nil then now_text = string.format('%d', now) end
+        v = now_text
+      elseif field == 'd' or field == 'm' then
+        v = string.format('%d', v)  -- money: exact integers
+      end
+      set[n + 1], set[n + 2] = field, v
+      n = n + 2
+    end
+    if n > 0 then
+      -- The hash must outlive its last change by h.ttl. Its expiry is pushed to twice that, and
+      -- noted in field x, only when less than h.ttl is left: a PEXPIRE per minute, not per call.
+      local until_ms = tonumber(f.x)
+      local push = until_ms == nil or until_ms - now < h.ttl
+      if push then set[n + 1], set[n + 2] = 'x', string.format('%d', now + 2 * h.ttl) end
+      call('HSET', key, unpack(set))
+      if push then call('PEXPIRE', key, 2 * h.ttl) end
+    end
+  end
+  -- A slot set must outlive its newest slot's expiry (z.ttl covers it). As for a hash, its expiry
+  -- is pushed, to twice that, only when less is left: PTTL is a read, far cheaper than a write.
+  for key, z in pairs(slotsets) do
+    local ok = pcall(send_slots, z)  -- a slot set of the wrong type: its operations answered their errors
+    if z.ttl > 0 and ok then
+      local left = call('PTTL', key)
+      if left == -1 or (left >= 0 and left < z.ttl) then call('PEXPIRE', key, 2 * z.ttl) end
+    end
+  end
+  return replies
 end
 
-for key, h in pairs(hashes) do
-  local set, n, f = {}, 0, h.f
-  for field in pairs(h.dirty) do
-    local v = f[field]
-    if field == 'd' or field == 'm' then v = string.format('%d', v) end  -- money: exact integers
-    set[n + 1], set[n + 2] = field, v
-    n = n + 2
-  end
-  if n > 0 then
-    -- The hash must outlive its last change by h.ttl. Its expiry is pushed to twice that, and
-    -- noted in field x, only when less than h.ttl is left: a PEXPIRE per minute, not per call.
-    local until_ms = tonumber(f.x)
-    local push = until_ms == nil or until_ms - now < h.ttl
-    if push then set[n + 1], set[n + 2] = 'x', string.format('%d', now + 2 * h.ttl) end
-    call('HSET', key, unpack(set))
-    if push then call('PEXPIRE', key, 2 * h.ttl) end
-  end
-end
--- A slot set must outlive its newest slot's expiry (z.ttl covers it). As for a hash, its expiry
--- is pushed, to twice that, only when less is left: PTTL is a read, far cheaper than a write.
-for key, z in pairs(slotsets) do
-  local ok = pcall(send_slots, z)  -- a slot set of the wrong type: its operations answered their errors
-  if z.ttl > 0 and ok then
-    local left = call('PTTL', key)
-    if left == -1 or (left >= 0 and left < z.ttl) then call('PEXPIRE', key, 2 * z.ttl) end
-  end
-end
-return replies
+redis.register_function('gw_limits', run)

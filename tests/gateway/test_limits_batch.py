@@ -358,3 +358,58 @@ def test_two_plans_of_one_tenant_in_one_call_share_its_buckets(tenants, calls):
     assert len(calls) == 1
     assert [r.headers["x-ratelimit-remaining-requests"] for r in results[:4]] == ["3", "2", "1", "0"]
     assert all(isinstance(r, GatewayError) and r.status == 429 for r in results[4:])
+
+
+def test_plans_go_by_name_once_redis_has_them_and_in_full_again_when_it_forgets(tenants, monkeypatch):
+    """A call spells a plan out once, then names it; when Redis has lost the library (restart,
+    flush) or its plans (loaded again), the call by name does nothing and goes again in full."""
+    who = principal(tenants, requests_per_minute=10)
+    spelled_out: list[bool] = []  # per call that reached the client: whether it carried the plan in full
+    real = resp.RespClient.evalsha_now
+
+    def noting(self, script, data):
+        spelled_out.append(b"\r\ntenant\r\n" in data)
+        return real(self, script, data)
+
+    monkeypatch.setattr(resp.RespClient, "evalsha_now", noting)
+    redis_ = get_redis()
+
+    async def scenario():
+        remaining = []
+        for forget in (None, None, "library", None, "plans", None):
+            if forget == "library":
+                redis_.function_delete(limits.LIMITS.name)
+            elif forget == "plans":
+                redis_.function_load(limits.LIMITS.source, replace=True)
+            (admission,) = await admit_together(who, [1])
+            remaining.append(admission.headers["x-ratelimit-remaining-requests"])
+        return remaining
+
+    assert asyncio.run(scenario()) == ["9", "8", "7", "6", "5", "4"]  # each admitted once: no call ran twice
+    # library lost: the call by name loads it (inside the client) and is refused NOPLAN, then goes in full
+    assert spelled_out == [True, False, False, True, False, False, True, False]
+
+
+def test_the_library_keeps_a_bounded_number_of_plans(tenants):
+    """Past MAX_PLANS the library forgets every plan it kept (callers spell them out again)."""
+    redis_ = get_redis()
+    redis_.function_load(limits.LIMITS.source, replace=True)
+    prefix = f"gw:{{test-{uuid.uuid4().hex[:8]}}}"
+    keys = [f"{prefix}:lim", f"{prefix}:conc", f"{prefix}:usage", f"{prefix}:alerts"]
+    spec = [60000, 1, 1, 1, "tenant", 1, 0, 0, 120000, "rpm", 10, 0.001, 0]
+
+    def call(name: str, full: bool, *operations):
+        plan = [name, len(spec), *spec] if full else [name, 0]
+        return redis_.fcall(limits.LIMITS.name, len(keys), *keys, 1, 100, 1000, *plan, *operations)
+
+    pipe = redis_.pipeline(transaction=False)
+    for i in range(10_000):  # the library's MAX_PLANS
+        pipe.fcall(limits.LIMITS.name, len(keys), *keys, 1, 100, 1000, f"plan-{i}", len(spec), *spec)
+    pipe.execute()
+    assert call("plan-0", False, "a", 1, "r1", 1, 0)[0][:2] == [1, 9]  # still kept: admitted, 9 left
+    call("plan-10000", True)  # one more: the library lets the others go
+    with pytest.raises(redis.exceptions.ResponseError, match="NOPLAN"):
+        call("plan-0", False, "a", 1, "r2", 1, 0)
+    assert call("plan-10000", False, "a", 1, "r3", 1, 0)[0][:2] == [1, 8]
+    assert redis_.zcard(keys[1]) == 0 and redis_.xlen(keys[2]) == 0  # the refused call did nothing
+    redis_.delete(*keys)
