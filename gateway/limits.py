@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ NANO = Decimal(1_000_000_000)
 
 
 LIMITS = LuaFunction("limits.lua", "gw_limits")
+log = logging.getLogger(__name__)
 
 
 def nano(amount: Decimal) -> int:
@@ -410,26 +412,58 @@ class _Batcher:
     def send(self, batch: list[_Queued], spelled_out: bool = False) -> None:
         """`spelled_out`: every plan in full (Redis said NOPLAN to the call by names)."""
         try:
-            reply = get_resp().evalsha_now(LIMITS, _call(batch, self.known, spelled_out))
+            data, client = _call(batch, self.known, spelled_out), get_resp()
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             _deliver(batch, exc)
             return
+        call = _Call(self, batch, spelled_out)
+        try:
+            client.call_now(LIMITS, data, call)  # its reply comes in a later iteration
+        except Exception as exc:  # noqa: BLE001 - as if Redis had failed it
+            self.inflight += 1
+            call.set_exception(exc)
+            return
         self.inflight += 1
-        reply.add_done_callback(lambda done: self.answered(batch, done, spelled_out))
 
-    def answered(self, batch: list[_Queued], done: asyncio.Future, spelled_out: bool = False) -> None:
+    def answered(self, call: _Call, outcome) -> None:
         self.inflight -= 1
-        outcome = _outcome(done)
-        if not spelled_out and isinstance(outcome, rx.ResponseError) and str(outcome).startswith("NOPLAN"):
+        if not call.spelled_out and isinstance(outcome, rx.ResponseError) and str(outcome).startswith("NOPLAN"):
             # Redis does not have a plan this call named (the library was loaded again, or it
             # let its plans go): nothing ran; the same operations go again, every plan in full.
             self.known.clear()
-            self.send(batch, spelled_out=True)
+            self.send(call.batch, spelled_out=True)
         else:
-            _deliver(batch, outcome)
+            _deliver(call.batch, outcome)
         if (self.admits or self.overdue) and not self.soon and self.inflight == 0:
             self.soon = True  # at the end of this iteration, with whatever arrives meanwhile
             self.loop.call_soon(self.flush)
+
+
+class _Call:
+    """One call of lua/limits.lua in flight: the connection hands it the reply as soon as it
+    is read (`resp.RespClient.call_now`), and it hands each operation's reply to its waiter."""
+
+    __slots__ = ("batcher", "batch", "spelled_out", "finished")
+
+    def __init__(self, batcher: _Batcher, batch: list[_Queued], spelled_out: bool):
+        self.batcher, self.batch, self.spelled_out = batcher, batch, spelled_out
+        self.finished = False
+
+    def done(self) -> bool:
+        return False  # its waiters may be gone, but the operations ran: abandoned() hears of them
+
+    def set_result(self, reply) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.batcher.answered(self, reply)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not break the connection
+            log.exception("limits: could not hand out a reply")
+            _deliver(self.batch, exc)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.set_result(exc if isinstance(exc, Exception) else rx.ConnectionError(str(exc)))
 
 
 _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
@@ -482,13 +516,6 @@ def _streams() -> bytes:
     if _streams_packed[0] != usage or _streams_packed[1] != alert:
         _streams_packed = (usage, alert, pack_args((usage, alert)))
     return _streams_packed[2]
-
-
-def _outcome(done: asyncio.Future):
-    """A call's replies, or what went wrong (an exception)."""
-    if done.cancelled():
-        return rx.ConnectionError("The call to Redis was cancelled")
-    return done.exception() or done.result()
 
 
 def _deliver(batch: list[_Queued], outcome) -> None:

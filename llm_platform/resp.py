@@ -20,6 +20,7 @@ import hashlib
 import ssl
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import hiredis
 import redis.exceptions as rx
@@ -207,7 +208,7 @@ class _Connection(asyncio.Protocol):
             while (reply := reader.gets()) is not False:
                 waiter = pending.popleft()
                 if not waiter.done():  # a cancelled caller's reply is dropped, the order kept
-                    waiter.set_result(reply)
+                    waiter.set_result(reply)  # a sink (`call_now`) handles it here and now
         except (rx.InvalidResponse, IndexError):
             self._fail(rx.ConnectionError, f"Protocol error from Redis at {self._where}")
 
@@ -218,12 +219,14 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    def request(self, data: bytes, defer: bool = False, now: bool = False) -> asyncio.Future:
+    def request(self, data: bytes, defer: bool = False, now: bool = False,
+                sink: Sink | None = None) -> asyncio.Future | None:
         """`now`: write at once, with whatever waits in the buffer (for callers that did their
-        own batching until the end of a loop iteration)."""
+        own batching until the end of a loop iteration). `sink`: the reply goes to it, not to
+        a future (None is returned)."""
         if self.closed:
             raise rx.ConnectionError(f"Connection to Redis at {self._where} closed")
-        future = self._loop.create_future()
+        future = self._loop.create_future() if sink is None else sink
         self._pending.append(future)
         self._queued += 1
         self._buffer.append(data)
@@ -406,23 +409,16 @@ class RespClient:
                 replies[i] = load_errors.get(calls[i][0].sha, reply)
         return replies
 
-    def evalsha_now(self, script: Script, data: bytes) -> asyncio.Future:
-        """One packed script call written at once (see `_Connection.request`); its reply, or its
-        error reply (a script or function Redis lacks is loaded), as a future. While (re)connecting, it goes in a task."""
+    def call_now(self, script: Script, data: bytes, sink: Sink) -> None:
+        """One packed script call, written at once (see `_Connection.request`), its reply (or
+        error reply, or failure) handed to `sink` as soon as it is read: no future, no hop
+        through the event loop. A script or function Redis lacks is loaded first, and a call
+        made while (re)connecting waits for the connection, both in a task."""
         conn = self._conn
         if conn is None or conn.closed:
-            return asyncio.ensure_future(self._evalsha_one(script, data))
-        result = conn._loop.create_future()
-
-        def answered(reply: asyncio.Future) -> None:
-            if not reply.cancelled() and reply.exception() is None and script.missing(reply.result()):
-                reply = asyncio.ensure_future(self._evalsha_one(script, data))  # loads it, then runs it
-                reply.add_done_callback(lambda again: _chain(again, result))
-            else:
-                _chain(reply, result)
-
-        conn.request(data, now=True).add_done_callback(answered)
-        return result
+            _to_sink(asyncio.ensure_future(self._evalsha_one(script, data)), sink)
+        else:
+            conn.request(data, now=True, sink=_Loading(self, script, data, sink))
 
     async def _evalsha_one(self, script: Script, data: bytes):
         (reply,) = await self.evalsha_packed([(script, data)])
@@ -522,15 +518,51 @@ def tls_context(options: dict) -> ssl.SSLContext:
     return context
 
 
-def _chain(source: asyncio.Future, target: asyncio.Future) -> None:
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif (exc := source.exception()) is not None:
-        target.set_exception(exc)
-    else:
-        target.set_result(source.result())
+class Sink(Protocol):
+    """Where `call_now` hands a reply: called from the connection's `data_received` (or
+    `_fail`), so it must not raise."""
+
+    def done(self) -> bool: ...  # True: the reply is not wanted (dropped, the order kept)
+
+    def set_result(self, reply) -> None: ...  # the reply, an error reply as `ResponseError`
+
+    def set_exception(self, exc: BaseException) -> None: ...  # the call failed (no reply)
+
+
+class _Loading:
+    """A sink in front of another: a reply saying Redis lacks the script is not passed on; the
+    script is loaded and the call sent again, and that reply is."""
+
+    __slots__ = ("client", "script", "data", "sink")
+
+    def __init__(self, client: RespClient, script: Script, data: bytes, sink: Sink):
+        self.client, self.script, self.data, self.sink = client, script, data, sink
+
+    def done(self) -> bool:
+        return self.sink.done()
+
+    def set_result(self, reply) -> None:
+        if self.script.missing(reply):
+            _to_sink(asyncio.ensure_future(self.client._evalsha_one(self.script, self.data)), self.sink)
+        else:
+            self.sink.set_result(reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.sink.set_exception(exc)
+
+
+def _to_sink(future: asyncio.Future, sink: Sink) -> None:
+    """`future`'s outcome to `sink` when it is done (a cancelled one as a ConnectionError)."""
+
+    def done(future: asyncio.Future) -> None:
+        if future.cancelled():
+            sink.set_exception(rx.ConnectionError("The call to Redis was cancelled"))
+        elif (exc := future.exception()) is not None:
+            sink.set_exception(exc)
+        else:
+            sink.set_result(future.result())
+
+    future.add_done_callback(done)
 
 
 _clients: dict[asyncio.AbstractEventLoop, RespClient] = {}

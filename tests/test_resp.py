@@ -375,9 +375,9 @@ def test_a_function_is_loaded_when_redis_lacks_it_and_keeps_its_state_between_ca
         client = RespClient(settings.REDIS_URL)
         try:
             first = await client.evalsha(counter, [prefix + "n"], [1])  # not loaded: loaded, then called
-            second = await client.evalsha_now(counter, counter.pack([prefix + "n"], [10]))
+            second = await now(client, counter, counter.pack([prefix + "n"], [10]))
             get_redis().function_delete(counter.name)  # what a restart or FUNCTION FLUSH does
-            third = await client.evalsha_now(counter, counter.pack([prefix + "n"], [100]))
+            third = await now(client, counter, counter.pack([prefix + "n"], [100]))
             fourth = await client.evalsha_many([(counter, [prefix + "n"], [1000])])
             return first, second, third, fourth
         finally:
@@ -409,7 +409,14 @@ def test_a_command_assembled_from_packed_pieces_is_the_packed_command():
     assert assembled == script.pack(keys, [*args, "tail"])
 
 
-def test_evalsha_now_writes_at_once_and_loads_a_flushed_script(run, prefix):
+def now(client: RespClient, script: Script, data: bytes) -> asyncio.Future:
+    """`call_now` with a future as its sink (a future is one: done, set_result, set_exception)."""
+    sink = asyncio.get_running_loop().create_future()
+    client.call_now(script, data, sink)
+    return sink
+
+
+def test_call_now_writes_at_once_and_loads_a_flushed_script(run, prefix):
     marker = uuid.uuid4().hex
     counter = Script(f"-- {marker}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])")
     failing = Script(f"-- {marker}\nreturn redis.error_reply('nope')")
@@ -417,7 +424,7 @@ def test_evalsha_now_writes_at_once_and_loads_a_flushed_script(run, prefix):
     async def main():
         client = RespClient(settings.REDIS_URL)
         try:
-            first = await client.evalsha_now(counter, counter.pack([prefix + "n"], [1]))  # not connected yet
+            first = await now(client, counter, counter.pack([prefix + "n"], [1]))  # not connected yet
             written = []
             conn = client._conn
 
@@ -434,10 +441,10 @@ def test_evalsha_now_writes_at_once_and_loads_a_flushed_script(run, prefix):
 
             conn._transport = Recording(conn._transport)
             get_redis().script_flush()
-            pending = client.evalsha_now(counter, counter.pack([prefix + "n"], [10]))
+            pending = now(client, counter, counter.pack([prefix + "n"], [10]))
             at_once = len(written)  # before this loop iteration ended
             second = await pending  # NOSCRIPT: loaded, then run
-            error = await client.evalsha_now(failing, failing.pack([], []))
+            error = await now(client, failing, failing.pack([], []))
             return first, at_once, second, error
         finally:
             await client.aclose()

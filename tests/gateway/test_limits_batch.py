@@ -29,13 +29,13 @@ from tenants.principal import Principal
 def calls(monkeypatch):
     """How many calls of the script reached the Redis client."""
     seen: list[int] = []
-    real = resp.RespClient.evalsha_now
+    real = resp.RespClient.call_now
 
-    def counting(self, script, data):
+    def counting(self, script, data, sink):
         seen.append(1)
-        return real(self, script, data)
+        return real(self, script, data, sink)
 
-    monkeypatch.setattr(resp.RespClient, "evalsha_now", counting)
+    monkeypatch.setattr(resp.RespClient, "call_now", counting)
     return seen
 
 
@@ -113,13 +113,13 @@ def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, m
     who = principal(tenants, requests_per_minute=10)
     monkeypatch.setitem(settings.GATEWAY, "REDIS_DEFER_MS", 0.0)  # due at the next iteration
     in_flight_at_each_call: list[int] = []
-    real = resp.RespClient.evalsha_now
+    real = resp.RespClient.call_now
 
-    def noting(self, script, data):
+    def noting(self, script, data, sink):
         in_flight_at_each_call.append(limits._batchers[asyncio.get_running_loop()].inflight)
-        return real(self, script, data)
+        return real(self, script, data, sink)
 
-    monkeypatch.setattr(resp.RespClient, "evalsha_now", noting)
+    monkeypatch.setattr(resp.RespClient, "call_now", noting)
 
     async def scenario():
         (first,) = await admit_together(who, [1])
@@ -365,13 +365,13 @@ def test_plans_go_by_name_once_redis_has_them_and_in_full_again_when_it_forgets(
     flush) or its plans (loaded again), the call by name does nothing and goes again in full."""
     who = principal(tenants, requests_per_minute=10)
     spelled_out: list[bool] = []  # per call that reached the client: whether it carried the plan in full
-    real = resp.RespClient.evalsha_now
+    real = resp.RespClient.call_now
 
-    def noting(self, script, data):
+    def noting(self, script, data, sink):
         spelled_out.append(b"\r\ntenant\r\n" in data)
-        return real(self, script, data)
+        return real(self, script, data, sink)
 
-    monkeypatch.setattr(resp.RespClient, "evalsha_now", noting)
+    monkeypatch.setattr(resp.RespClient, "call_now", noting)
     redis_ = get_redis()
 
     async def scenario():
