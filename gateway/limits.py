@@ -54,15 +54,14 @@ def nano(amount: Decimal) -> int:
     return math.ceil(amount * NANO)  # Decimal's ceiling: exact
 
 
-def reset_text(ms: int) -> str:
-    """OpenAI's reset format: `120ms`, `1.5s`, `6m0s`."""
+def reset_text(ms: int) -> bytes:
+    """OpenAI's reset format: `120ms`, `1.5s`, `6m0s` (a header value: bytes)."""
     if ms < 1000:
-        return f"{max(ms, 0)}ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.3g}s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes}m{rest}s"
+        return b"%dms" % max(ms, 0)
+    if ms < 60_000:
+        return b"%.3gs" % (ms / 1000)
+    minutes, rest = divmod(ms // 1000, 60)
+    return b"%dm%ds" % (minutes, rest)
 
 
 @dataclass(slots=True)
@@ -203,8 +202,9 @@ class _Plan:
     short: bytes = b""  # the same, by name only
 
     # per header kind ("requests", "tokens"): its three header names, then (position, limit as
-    # text) of each bucket that feeds it, in the order the script reports buckets
-    header_kinds: list[tuple[tuple[str, str, str], list[tuple[int, str]]]] = field(default_factory=list)
+    # text) of each bucket that feeds it, in the order the script reports buckets (bytes: what
+    # the response carries)
+    header_kinds: list[tuple[tuple[bytes, bytes, bytes], list[tuple[int, bytes]]]] = field(default_factory=list)
 
 
 _plans: dict[int, _Plan] = {}
@@ -232,12 +232,12 @@ def _plan_for(principal: Principal) -> _Plan:
     plan = _Plan(principal, day, scopes, ordered, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
     # The script reports remaining/reset for every bucket, in this order.
-    kinds: dict[str, list[tuple[int, str]]] = {}
+    kinds: dict[str, list[tuple[int, bytes]]] = {}
     for i, bucket in enumerate(buckets):
         if bucket.header:
-            kinds.setdefault(bucket.header, []).append((i, str(bucket.limit)))
-    plan.header_kinds = [((f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}"),
-                          candidates) for kind, candidates in kinds.items()]
+            kinds.setdefault(bucket.header, []).append((i, b"%d" % bucket.limit))
+    plan.header_kinds = [((b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
+                           b"x-ratelimit-reset-" + kind.encode()), candidates) for kind, candidates in kinds.items()]
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
         args = pack_args(spec)
@@ -253,7 +253,7 @@ def _plan_for(principal: Principal) -> _Plan:
 class Admission:
     """A request let in: what it reserved, and the x-ratelimit-* headers of its answer."""
 
-    __slots__ = ("request_id", "tenant_id", "plan", "reserved_tokens", "estimate_nano", "headers")
+    __slots__ = ("request_id", "tenant_id", "plan", "reserved_tokens", "estimate_nano", "header_pairs")
 
     def __init__(self, request_id: str, tenant_id: int, plan: _Plan, reserved_tokens: int = 0,
                  estimate_nano: int = 0) -> None:
@@ -262,7 +262,11 @@ class Admission:
         self.plan = plan
         self.reserved_tokens = reserved_tokens
         self.estimate_nano = estimate_nano
-        self.headers: dict[str, str] = {}
+        self.header_pairs: list[tuple[bytes, bytes]] = []  # as the response carries them
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {name.decode(): value.decode() for name, value in self.header_pairs}
 
     @property
     def slot_keys(self) -> list[str]:
@@ -309,25 +313,26 @@ def finish_admission(admission: Admission, result) -> Admission:
         raise unavailable() from None
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
-    admission.headers = _headers(admission.plan.header_kinds, result)
+    admission.header_pairs = _headers(admission.plan.header_kinds, result)
     return admission
 
 
-def _headers(header_kinds: list[tuple[tuple[str, str, str], list[tuple[int, str]]]], values: list) -> dict[str, str]:
-    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key).
+def _headers(header_kinds: list[tuple[tuple[bytes, bytes, bytes], list[tuple[int, bytes]]]],
+             values: list) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key), as the
+    response carries them.
 
     `header_kinds`: per kind, its header names and (position, limit text) of the buckets that
     feed it; `values` is the script's answer: 1, then remaining and reset (ms) for each bucket."""
-    headers = {}
+    headers = []
     for (limit_name, remaining_name, reset_name), candidates in header_kinds:
         i, limit = candidates[0]
         remaining = values[2 * i + 1]
         for j, other in candidates[1:]:  # a key with limits of its own: the tighter one
             if values[2 * j + 1] < remaining:
                 i, limit, remaining = j, other, values[2 * j + 1]
-        headers[limit_name] = limit
-        headers[remaining_name] = str(remaining) if remaining > 0 else "0"
-        headers[reset_name] = reset_text(values[2 * i + 2])
+        headers += ((limit_name, limit), (remaining_name, b"%d" % remaining if remaining > 0 else b"0"),
+                    (reset_name, reset_text(values[2 * i + 2])))
     return headers
 
 

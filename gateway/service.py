@@ -167,14 +167,15 @@ class ChatCall:
         self.status, self.error_code = CLIENT_GONE, "client_disconnected"
         await self.settle()
 
-    def response_headers(self) -> dict[str, str]:
-        headers = dict(self.admission.headers) if self.admission else {}
-        headers["x-upstream-model"] = self.outcome.upstream_model or self.lane.upstream_model
-        headers["x-upstream-provider"] = self.lane.provider
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's own headers, as the response carries them (`http.header_list` pairs)."""
+        headers = [*self.admission.header_pairs] if self.admission else []
+        headers += ((b"x-upstream-model", (self.outcome.upstream_model or self.lane.upstream_model).encode()),
+                    (b"x-upstream-provider", self.lane.provider.encode()))
         if self.retries:
-            headers["x-gateway-retries"] = str(self.retries)
+            headers.append((b"x-gateway-retries", b"%d" % self.retries))
         if self.trimmed:
-            headers["x-context-trimmed-messages"] = str(self.trimmed)
+            headers.append((b"x-context-trimmed-messages", b"%d" % self.trimmed))
         return headers
 
     def _fresh_outcome(self) -> Outcome:

@@ -99,7 +99,7 @@ async def _serve(request: Request, receive, send, principal, req, ctx: CallConte
 async def _complete(request: Request, send, principal, req, ctx: CallContext) -> None:
     async with open_call(principal, req, ctx) as call:
         completion = await call.complete()
-        await send_json(send, 200, completion.data, request.request_id, call.response_headers())
+        await send_json(send, 200, completion.data, request.request_id, pairs=call.response_headers())
 
 
 class ClientSink:
@@ -142,10 +142,9 @@ async def _stream(request: Request, send, principal, req, ctx: CallContext) -> N
             first = None
         store = StreamWriter(principal.tenant_id, request.call_id) if _keep_events(request) else None
         checker = StreamChecker(call.schema) if call.schema is not None else None
-        extra = {**SSE_HEADERS, **call.response_headers()}
-        if store is not None:
-            extra["x-stream-id"] = request.call_id
-        await sink({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, SSE, extra)})
+        extra = {**SSE_HEADERS, "x-stream-id": request.call_id} if store is not None else SSE_HEADERS
+        await sink({"type": "http.response.start", "status": 200,
+                    "headers": header_list(request.request_id, SSE, extra, call.response_headers())})
         seq = 0
         frames: list[bytes] = []
         try:

@@ -68,15 +68,18 @@ class Request:
         return self.body
 
 
-def header_list(request_id: str, content_type: bytes, extra: dict[str, str] | None = None) -> list:
-    headers = [(b"content-type", content_type), (b"x-request-id", request_id.encode())]
+def header_list(request_id: str, content_type: bytes, extra: dict[str, str] | None = None,
+                pairs: list[tuple[bytes, bytes]] = ()) -> list:
+    """A response's ASGI headers: `extra` by name, `pairs` already encoded (lower-case names)."""
+    headers = [(b"content-type", content_type), (b"x-request-id", request_id.encode()), *pairs]
     if extra:
         headers.extend((k.lower().encode(), str(v).encode()) for k, v in extra.items())
     return headers
 
 
-async def send_json(send, status: int, body: bytes, request_id: str, extra: dict | None = None) -> None:
-    headers = header_list(request_id, JSON, extra)
+async def send_json(send, status: int, body: bytes, request_id: str, extra: dict | None = None,
+                    pairs: list[tuple[bytes, bytes]] = ()) -> None:
+    headers = header_list(request_id, JSON, extra, pairs)
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

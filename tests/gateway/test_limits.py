@@ -50,6 +50,13 @@ def test_every_success_carries_openai_rate_limit_headers(server, tenants):
     assert headers["x-ratelimit-reset-requests"].endswith(("ms", "s"))
 
 
+def test_reset_times_are_in_openais_format():
+    from gateway.limits import reset_text
+
+    assert [reset_text(ms) for ms in (-5, 0, 120, 999, 1000, 1500, 59_999, 60_000, 361_500)] == [
+        b"0ms", b"0ms", b"120ms", b"999ms", b"1s", b"1.5s", b"60s", b"1m0s", b"6m1s"]
+
+
 def test_the_sdk_retry_succeeds_once_the_bucket_refills(server, tenants):
     _, _, secret = tenants.make(tier={"requests_per_minute": 20})  # one request back every 3 s
     burst = asyncio.run(post_many([(server.base_url, secret)] * 25, {"model": "local", "messages": [{"role": "user", "content": "x"}]}))
