@@ -109,6 +109,29 @@ def test_admissions_arriving_while_a_call_is_in_flight_go_out_together_after_it(
     assert isinstance(results[4], GatewayError) and results[4].status == 429
 
 
+def test_admissions_arriving_just_after_a_reply_join_the_held_ones(tenants, calls):
+    """The admissions held behind a call go out a few loop iterations after its reply, with
+    those that arrive meanwhile: one call for both, not one each."""
+    who = principal(tenants, requests_per_minute=10)
+
+    def submitted():
+        _, operation = limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", 1, 0)
+        return limits.submit(operation)
+
+    async def scenario():
+        first = submitted()
+        await asyncio.sleep(0)  # written: in flight
+        held = submitted()  # waits for its reply
+        await first
+        await asyncio.sleep(0)  # an iteration after the reply was handed out
+        late = submitted()
+        return await held, await late
+
+    held, late = asyncio.run(scenario())
+    assert held[0] == 1 and late[0] == 1
+    assert len(calls) == 2
+
+
 def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, monkeypatch):
     who = principal(tenants, requests_per_minute=10)
     monkeypatch.setitem(settings.GATEWAY, "REDIS_DEFER_MS", 0.0)  # due at the next iteration
