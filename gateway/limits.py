@@ -417,18 +417,11 @@ class _Batcher:
     def send(self, batch: list[_Queued], spelled_out: bool = False) -> None:
         """`spelled_out`: every plan in full (Redis said NOPLAN to the call by names)."""
         try:
-            data, client = _call(batch, self.known, spelled_out), get_resp()
+            get_resp().call_now(LIMITS, _call(batch, self.known, spelled_out), _Call(self, batch, spelled_out))
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
             _deliver(batch, exc)
             return
-        call = _Call(self, batch, spelled_out)
-        try:
-            client.call_now(LIMITS, data, call)  # its reply comes in a later iteration
-        except Exception as exc:  # noqa: BLE001 - as if Redis had failed it
-            self.inflight += 1
-            call.set_exception(exc)
-            return
-        self.inflight += 1
+        self.inflight += 1  # its reply comes in a later iteration
 
     def answered(self, call: _Call, outcome) -> None:
         self.inflight -= 1

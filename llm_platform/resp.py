@@ -220,10 +220,10 @@ class _Connection(asyncio.Protocol):
     # requests
 
     def request(self, data: bytes, defer: bool = False, now: bool = False,
-                sink: Sink | None = None) -> asyncio.Future | None:
+                sink: Sink | None = None) -> asyncio.Future | Sink:
         """`now`: write at once, with whatever waits in the buffer (for callers that did their
         own batching until the end of a loop iteration). `sink`: the reply goes to it, not to
-        a future (None is returned)."""
+        a new future (the sink is returned)."""
         if self.closed:
             raise rx.ConnectionError(f"Connection to Redis at {self._where} closed")
         future = self._loop.create_future() if sink is None else sink
