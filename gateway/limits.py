@@ -55,7 +55,20 @@ def nano(amount: Decimal) -> int:
 
 
 def reset_text(ms: int) -> bytes:
-    """OpenAI's reset format: `120ms`, `1.5s`, `6m0s` (a header value: bytes)."""
+    """OpenAI's reset format: `120ms`, `1.5s`, `6m0s` (a header value: bytes). Remembered:
+    under steady load the same few values come back on every answer."""
+    text = _reset_texts.get(ms)
+    if text is None:
+        text = _format_reset(ms)
+        if len(_reset_texts) < 10_000:
+            _reset_texts[ms] = text
+    return text
+
+
+_reset_texts: dict[int, bytes] = {}
+
+
+def _format_reset(ms: int) -> bytes:
     if ms < 1000:
         return b"%dms" % max(ms, 0)
     if ms < 60_000:
@@ -127,9 +140,9 @@ def budget_ttl_ms(month_seconds_left: int) -> int:
     return (month_seconds_left + 86400) * 1000
 
 
-def _scopes_for(principal: Principal) -> list[Scope]:
-    """Every limit that applies to this principal, by scope; costs are filled in per request."""
-    periods = _current_periods()
+def _scopes_for(principal: Principal, periods: tuple[tuple[str, int], tuple[str, int]]) -> list[Scope]:
+    """Every limit that applies to this principal, by scope, for the budget `periods`
+    (`period_ends`); costs are filled in per request."""
     sources = [("tenant", scope_prefix(principal.tenant_id),
                 {name: getattr(principal, name) for name, *_ in _BUCKETS + _BUDGETS}
                 | {"max_concurrent": principal.max_concurrent})]
@@ -189,7 +202,7 @@ class _Plan:
     settles; an operation carries only its request's own values."""
 
     principal: Principal  # held so that id() stays this principal's while cached
-    day: str
+    until: float  # the end of the UTC day its budget periods name (epoch seconds)
     scopes: list[Scope]
     ordered: list[Limit]  # every limit in the script's refusal-index order
     token_capacity: int | None  # the smallest tokens-per-minute bucket
@@ -201,21 +214,31 @@ class _Plan:
     n_full: int = 0
     short: bytes = b""  # the same, by name only
 
-    # per header kind ("requests", "tokens"): its three header names, then (position, limit as
-    # text) of each bucket that feeds it, in the order the script reports buckets (bytes: what
-    # the response carries)
-    header_kinds: list[tuple[tuple[bytes, bytes, bytes], list[tuple[int, bytes]]]] = field(default_factory=list)
+    # per header kind ("requests", "tokens"): its three header names, then the reply positions
+    # (remaining, reset) and limit (as text) of the first bucket that feeds it, then those of
+    # the others (a key with limits of its own), in the order the script reports buckets (bytes:
+    # what the response carries)
+    header_kinds: list[_HeaderKind] = field(default_factory=list)
+
+
+class _HeaderKind(NamedTuple):
+    limit_name: bytes
+    remaining_name: bytes
+    reset_name: bytes
+    remaining_at: int  # the first bucket's remaining, in the script's reply; its reset follows
+    limit: bytes
+    others: tuple[tuple[int, bytes], ...]  # (remaining_at, limit) of the other buckets
 
 
 _plans: dict[int, _Plan] = {}
 
 
 def _plan_for(principal: Principal) -> _Plan:
-    day = _current_periods()[0][0]
     plan = _plans.get(id(principal))
-    if plan is not None and plan.principal is principal and plan.day == day:
+    if plan is not None and plan.principal is principal and time.time() < plan.until:
         return plan
-    scopes = _scopes_for(principal)
+    now = time.time()
+    scopes = _scopes_for(principal, period_ends(datetime.fromtimestamp(now, UTC)))
     ordered, buckets, keys = [], [], []
     spec: list = [int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000), principal.tenant_id, principal.key_id, len(scopes)]
     for scope in scopes:
@@ -229,15 +252,16 @@ def _plan_for(principal: Principal) -> _Plan:
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
     capacities = [b.limit for b in buckets if b.header == "tokens"]
-    plan = _Plan(principal, day, scopes, ordered, min(capacities) if capacities else None,
+    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, ordered, min(capacities) if capacities else None,
                  [scope.slot_key for scope in scopes if scope.slot_limit])
-    # The script reports remaining/reset for every bucket, in this order.
+    # The script reports remaining/reset for every bucket, in this order, after its leading 1.
     kinds: dict[str, list[tuple[int, bytes]]] = {}
     for i, bucket in enumerate(buckets):
         if bucket.header:
-            kinds.setdefault(bucket.header, []).append((i, b"%d" % bucket.limit))
-    plan.header_kinds = [((b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
-                           b"x-ratelimit-reset-" + kind.encode()), candidates) for kind, candidates in kinds.items()]
+            kinds.setdefault(bucket.header, []).append((2 * i + 1, b"%d" % bucket.limit))
+    plan.header_kinds = [_HeaderKind(b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
+                                     b"x-ratelimit-reset-" + kind.encode(), *candidates[0], tuple(candidates[1:]))
+                         for kind, candidates in kinds.items()]
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
         args = pack_args(spec)
@@ -283,6 +307,9 @@ class Operation(NamedTuple):
     n_values: int
 
 
+_operation = functools.partial(tuple.__new__, Operation)  # what Operation(...) does, without its Python-level __new__
+
+
 def prepare_admission(principal: Principal, request_id: str, tokens: int,
                       estimate: int) -> tuple[Admission, Operation] | tuple[None, None]:
     """The admission operation for this request; (None, None) when the principal has no limits
@@ -295,7 +322,7 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
                                 "per minute; lower max_tokens or shorten the prompt.",
                            code="request_exceeds_limit", param="max_tokens")
     return (Admission(request_id, principal.tenant_id, plan, tokens, estimate),
-            Operation(plan, False, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3))
+            _operation((plan, False, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3)))
 
 
 def _bulk3(a: bytes, b: bytes, c: bytes) -> bytes:
@@ -317,22 +344,18 @@ def finish_admission(admission: Admission, result) -> Admission:
     return admission
 
 
-def _headers(header_kinds: list[tuple[tuple[bytes, bytes, bytes], list[tuple[int, bytes]]]],
-             values: list) -> list[tuple[bytes, bytes]]:
+def _headers(header_kinds: list[_HeaderKind], values: list) -> list[tuple[bytes, bytes]]:
     """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key), as the
-    response carries them.
-
-    `header_kinds`: per kind, its header names and (position, limit text) of the buckets that
-    feed it; `values` is the script's answer: 1, then remaining and reset (ms) for each bucket."""
+    response carries them. `values` is the script's answer: 1, then remaining and reset (ms)
+    for each bucket."""
     headers = []
-    for (limit_name, remaining_name, reset_name), candidates in header_kinds:
-        i, limit = candidates[0]
-        remaining = values[2 * i + 1]
-        for j, other in candidates[1:]:  # a key with limits of its own: the tighter one
-            if values[2 * j + 1] < remaining:
-                i, limit, remaining = j, other, values[2 * j + 1]
+    for limit_name, remaining_name, reset_name, at, limit, others in header_kinds:
+        remaining = values[at]
+        for other_at, other_limit in others:  # a key with limits of its own: the tighter one
+            if values[other_at] < remaining:
+                at, limit, remaining = other_at, other_limit, values[other_at]
         headers += ((limit_name, limit), (remaining_name, b"%d" % remaining if remaining > 0 else b"0"),
-                    (reset_name, reset_text(values[2 * i + 2])))
+                    (reset_name, reset_text(values[at + 1])))
     return headers
 
 
@@ -341,7 +364,7 @@ def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row:
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
     values = _bulk4(admission.request_id.encode(), b"%d" % refund, b"%d" % delta, orjson.dumps(row, default=str))
-    return Operation(admission.plan, True, values, 4)
+    return _operation((admission.plan, True, values, 4))
 
 
 def submit(operation: Operation, defer: bool = False,

@@ -91,7 +91,9 @@ class Script:
     def assemble(self, n_keys: int, keys: list[bytes], n_args: int, args: list[bytes]) -> bytes:
         """The call from keys and arguments already packed (`pack_args`):
         `n_keys` keys in `keys`, `n_args` arguments in `args`."""
-        return b"".join((b"*%d\r\n" % (3 + n_keys + n_args), self._head, pack_args((n_keys,)), *keys, *args))
+        count = b"%d" % n_keys
+        return b"".join((b"*%d\r\n" % (3 + n_keys + n_args), self._head, b"$%d\r\n%b\r\n" % (len(count), count),
+                         *keys, *args))
 
     def missing(self, reply) -> bool:
         """Whether `reply` says Redis does not have this script (then `load` is sent, and the call again)."""

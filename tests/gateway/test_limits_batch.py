@@ -436,3 +436,22 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     assert call("plan-10000", False, "a", 1, "r3", 1, 0)[0][:2] == [1, 8]
     assert redis_.zcard(keys[1]) == 0 and redis_.xlen(keys[2]) == 0  # the refused call did nothing
     redis_.delete(*keys)
+
+
+def test_a_plan_names_the_new_budget_periods_from_utc_midnight(tenants, monkeypatch):
+    """A principal's plan is kept between requests, but not past the UTC day it was made in:
+    the first request after midnight (here also a new month) counts against the new periods."""
+    who = principal(tenants, daily_budget_usd=Decimal("5"), monthly_budget_usd=Decimal("50"))
+    clock = [datetime(2026, 11, 30, 23, 59, 59, 600_000, tzinfo=UTC).timestamp()]
+    monkeypatch.setattr(limits, "time", SimpleNamespace(time=lambda: clock[0]))
+
+    def periods(plan) -> list[str]:
+        return [budget.period for scope in plan.scopes for budget in scope.budgets]
+
+    plan = limits._plan_for(who)
+    assert periods(plan) == ["2026-11-30", "2026-11"]
+    clock[0] += 0.3
+    assert limits._plan_for(who) is plan  # the same day: kept
+    clock[0] += 0.2  # 2026-12-01 00:00:00.1
+    renewed = limits._plan_for(who)
+    assert renewed is not plan and periods(renewed) == ["2026-12-01", "2026-12"]
