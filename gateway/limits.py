@@ -277,7 +277,8 @@ def _plan_for(principal: Principal) -> _Plan:
 class Admission:
     """A request let in: what it reserved, and the x-ratelimit-* headers of its answer."""
 
-    __slots__ = ("request_id", "tenant_id", "plan", "reserved_tokens", "estimate_nano", "header_pairs")
+    __slots__ = ("request_id", "tenant_id", "plan", "reserved_tokens", "estimate_nano", "header_pairs",
+                 "release_first")
 
     def __init__(self, request_id: str, tenant_id: int, plan: _Plan, reserved_tokens: int = 0,
                  estimate_nano: int = 0) -> None:
@@ -287,6 +288,10 @@ class Admission:
         self.reserved_tokens = reserved_tokens
         self.estimate_nano = estimate_nano
         self.header_pairs: list[tuple[bytes, bytes]] = []  # as the response carries them
+        # A slot set of its was over half taken once it was admitted: its settlement (which
+        # frees its slot) goes to Redis before its answer's last bytes go to the client, so that
+        # the client's next request, to any process, finds the slot free.
+        self.release_first = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -341,6 +346,8 @@ def finish_admission(admission: Admission, result) -> Admission:
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
     admission.header_pairs = _headers(admission.plan.header_kinds, result)
+    if admission.plan.slot_keys:
+        admission.release_first = result[-1] == 1
     return admission
 
 
@@ -368,19 +375,23 @@ def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row:
 
 
 def submit(operation: Operation, defer: bool = False,
-           abandoned: Callable[[list], None] | None = None) -> asyncio.Future:
+           abandoned: Callable[[list], None] | None = None, at_once: bool = False) -> asyncio.Future:
     """Queue an operation for this loop's next call of lua/limits.lua; its reply as a future
     (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS for an
-    admission to ride with (settlements: no client waits for them). `abandoned(reply)` is
-    called with the reply when the future was cancelled before it came (its caller is gone,
-    but Redis ran the operation)."""
+    admission to ride with (settlements: no client waits for them). `at_once`: it is written
+    to Redis before this returns, with whatever else is queued, even while a call is in
+    flight. `abandoned(reply)` is called with the reply when the future was cancelled before
+    it came (its caller is gone, but Redis ran the operation)."""
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None:
         for old in [old for old in _batchers if old.is_closed()]:
             del _batchers[old]
         batcher = _batchers[loop] = _Batcher(loop)
-    return batcher.submit(operation, defer, abandoned)
+    waiter = batcher.submit(operation, defer, abandoned)
+    if at_once:
+        batcher.flush()
+    return waiter
 
 
 _Queued = tuple[Operation, asyncio.Future, Callable[[list], None] | None]

@@ -84,6 +84,7 @@ class ChatCall:
         self._first_ticket: resilience.Ticket | resilience.Unavailable | None = None
         self._reports: list[ScriptCall] = []
         self._called = False  # a provider call was started
+        self._settlement: tuple[asyncio.Future | None, dict] | None = None  # submitted: its reply, the row
         self.schema = schema_of(req)
 
     def preflight(self) -> None:
@@ -269,7 +270,9 @@ class ChatCall:
     async def complete(self) -> Completion:
         """The answer; with a strict JSON schema, validated and repaired once if needed."""
         if self.schema is None:
-            return await self._complete_once(self.req)
+            completion = await self._complete_once(self.req)
+            self.release_slot_first()
+            return completion
 
         async def once(req: ChatRequest) -> Completion:
             if self.outcome.usage is not None:
@@ -278,6 +281,7 @@ class ChatCall:
 
         completion, repairs = await complete_structured(once, self.req)
         self.retries += repairs
+        self.release_slot_first()
         return completion
 
     async def _complete_once(self, req: ChatRequest) -> Completion:
@@ -357,6 +361,7 @@ class ChatCall:
                 await self._settle_attempt(served, started, failure)
         if not finished and self.outcome.finish_reason is None:
             self.partial = True
+        self.release_slot_first()  # the front door writes the stream's end after this
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, GatewayError):
@@ -423,7 +428,15 @@ class ChatCall:
             "completion": "".join(self.outcome.completion_text_parts or ()) if store else "",
         }
 
-    async def settle(self) -> None:
+    def release_slot_first(self) -> None:
+        """The provider is done and the answer is about to end: if this request's slot must be
+        free before its client can send another request (`Admission.release_first`), write the
+        settlement to Redis now, before the front door writes the answer's last bytes."""
+        if self.admission is not None and self.admission.release_first and self._settlement is None:
+            self._settlement = self._submit_settlement(at_once=True)
+
+    def _submit_settlement(self, at_once: bool = False) -> tuple[asyncio.Future | None, dict]:
+        """Log the call and submit its settlement (None if it could not be prepared); the row."""
         usage = self.usage()
         lane = self.lane
         cost = cost_usd(lane.price_input, lane.price_output, lane.price_cached_input, usage.prompt_tokens,
@@ -439,10 +452,17 @@ class ChatCall:
         if self.admission is not None:
             try:
                 settled = limits.submit(limits.settle_operation(self.admission, usage.total_tokens, cost, row),
-                                        defer=True)
+                                        defer=not at_once, at_once=at_once)
             except Exception:  # a bug must not cost the row: record it alone; the slot expires
                 log.exception("could not prepare settlement; recording the usage row alone",
                               extra={"request_id": row["request_id"]})
+        return settled, row
+
+    async def settle(self) -> None:
+        """Settle (unless `release_slot_first` did) and record the usage row, whatever happens."""
+        if self._settlement is None:
+            self._settlement = self._submit_settlement()
+        settled, row = self._settlement
         if self._reports:  # lane reports: in the same write as the settlement
             try:
                 await run_scripts(self._reports, defer=True)

@@ -30,7 +30,9 @@
 -- slots they free serve the admissions). One reply per operation: an admission's
 -- {0, failed_index, retry_after_ms} on refusal (index 1-based over every limit in the order: per
 -- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
--- bucket in order; a settlement's number of budget alerts raised.
+-- bucket in order, then, if the plan has slot limits, 1 when a slot set is now more than half
+-- full, else 0 (the caller then releases this request's slot before its answer goes out);
+-- a settlement's number of budget alerts raised.
 -- While a library loads, it sees no globals but `redis`: the builtins it keeps as locals are
 -- taken at its first call.
 local function builtins() return redis.call, tonumber, math.floor, math.ceil, unpack end
@@ -117,6 +119,7 @@ local function parse_plan(K, k, A, a)
       a = a + 3
     end
     plan.scopes[s] = scope
+    if scope.slot_limit > 0 then plan.has_slots = true end
   end
   plan.n_scopes = n_scopes
   return plan
@@ -167,7 +170,7 @@ local function admit(plan, rid, tokens, estimate)
     end
   end
   -- Every limit allows it: reserve.
-  local nl, ns = 0, 0
+  local nl, ns, crowded = 0, 0, 0
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
     local h = hashes[scope.hash]
@@ -196,8 +199,10 @@ local function admit(plan, rid, tokens, estimate)
       add[#add + 1] = rid
       z.n = z.n + 1
       if z.ttl < plan.slot_ttl + 60000 then z.ttl = plan.slot_ttl + 60000 end
+      if (scope.slot_limit - z.n) * 2 < scope.slot_limit then crowded = 1 end
     end
   end
+  if plan.has_slots then out[n_out + 1] = crowded end
   return out
 end
 

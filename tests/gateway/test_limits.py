@@ -163,6 +163,30 @@ def test_concurrency_limit_refuses_the_second_in_flight_call_and_frees_on_succes
     assert chat(server, secret).http_response.status_code == 200  # the slot was released
 
 
+def test_a_sequential_client_at_its_concurrency_limit_is_never_refused_across_processes(routes, tenants):
+    """A client that waits for each answer before sending the next never has more than one call
+    in flight, so a limit of one concurrent request must never refuse it, even when a load
+    balancer sends each request to another process: the finished call's slot is released before
+    its answer (or its stream's end) reaches the client. Settlements otherwise wait up to
+    GW_REDIS_DEFER_MS to ride with a later write: 50 ms here, longer than the SDK takes between
+    two requests, so that without that ordering every other request would get 429."""
+    _, _, secret = tenants.make(tier={"max_concurrent": 1})
+    servers = [Server({"GW_REDIS_DEFER_MS": "50"}) for _ in range(2)]
+    try:
+        clients = [openai.OpenAI(base_url=one.base_url, api_key=secret, max_retries=0, timeout=30) for one in servers]
+        messages = [{"role": "user", "content": "hello"}]
+        for i in range(40):
+            client = clients[i % 2]
+            if i % 4 < 2:
+                assert client.chat.completions.create(model="local", messages=messages).choices[0].message.content
+            else:
+                chunks = list(client.chat.completions.create(model="local", messages=messages, stream=True))
+                assert chunks and chunks[-1].choices[0].finish_reason == "stop"
+    finally:
+        for one in servers:
+            one.stop()
+
+
 def test_slot_is_released_on_upstream_error(server, tenants, fakes_reset):
     _, _, secret = tenants.make(tier={"max_concurrent": 1})
     with pytest.raises(openai.InternalServerError):

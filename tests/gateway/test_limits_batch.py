@@ -455,3 +455,17 @@ def test_a_plan_names_the_new_budget_periods_from_utc_midnight(tenants, monkeypa
     clock[0] += 0.2  # 2026-12-01 00:00:00.1
     renewed = limits._plan_for(who)
     assert renewed is not plan and periods(renewed) == ["2026-12-01", "2026-12"]
+
+
+def test_an_admission_into_a_slot_set_over_half_taken_releases_its_slot_first(tenants):
+    """Settlements usually wait to ride with a later write; an admission that leaves its
+    tenant's (or key's) slots more than half taken is told to release its slot before its
+    answer ends (`release_first`), so that a client waiting on it is not refused next time."""
+    who = principal(tenants, max_concurrent=4, requests_per_minute=100)
+    results = asyncio.run(admit_together(who, [1, 1, 1, 1, 1]))
+    assert [getattr(r, "release_first", None) for r in results[:4]] == [False, False, True, True]  # 3, 2, 1, 0 free
+    assert isinstance(results[4], GatewayError) and results[4].status == 429
+    assert results[0].headers["x-ratelimit-remaining-requests"] == "99"  # the reply's other values still line up
+    unlimited = principal(tenants, max_concurrent=None, requests_per_minute=100)
+    (admitted,) = asyncio.run(admit_together(unlimited, [1]))
+    assert admitted.release_first is False and admitted.headers["x-ratelimit-remaining-requests"] == "99"
