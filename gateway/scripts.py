@@ -6,12 +6,15 @@ write and come back in one round trip.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import NamedTuple
 
-from llm_platform.resp import Function, Script, get_resp, raise_errors
+from llm_platform.resp import Function, ResponseError, Script, get_resp, raise_errors
 
-__all__ = ["LuaFunction", "LuaScript", "ScriptCall", "run_scripts"]
+__all__ = ["LuaFunction", "LuaScript", "ScriptCall", "prune_functions", "run_scripts"]
+log = logging.getLogger(__name__)
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -56,3 +59,48 @@ async def run_scripts(calls: list[ScriptCall], defer: bool = False) -> list:
     if not calls:
         return []
     return raise_errors(await get_resp().evalsha_packed(calls, defer))
+
+
+FUNCTIONS_IN_USE = "gw:functions"  # hash: library name -> ms at which a process last said it uses it
+FUNCTION_LIBRARY_PREFIXES = ("gw_limits_",)  # the versions of our libraries (`LuaFunction` names)
+
+
+async def prune_functions(in_use: list[LuaFunction], idle_s: float) -> list[str]:
+    """Say that this process uses `in_use`, and delete versions of our libraries that no process
+    has said so of for `idle_s`: each deploy loads a library under a new name (its source's
+    hash), and Redis would otherwise keep every old one, with the plans it holds, for ever.
+
+    A library first seen here (one loaded before this existed) starts its idle time now. A
+    process of an old version still running when its library goes just loads it again (a
+    missing function is loaded on demand). Returns the names deleted."""
+    client = get_resp()
+    now_ms = int(time.time() * 1000)
+    (_, listed, marks) = await client.execute_many([
+        ("HSET", FUNCTIONS_IN_USE, *[part for function in in_use for part in (function.name, now_ms)]),
+        ("FUNCTION", "LIST"),
+        ("HGETALL", FUNCTIONS_IN_USE),
+    ])
+    raise_errors([listed, marks])
+    loaded = {_library_name(entry) for entry in listed}
+    ours = {name for name in loaded if name.startswith(FUNCTION_LIBRARY_PREFIXES)}
+    seen = {name.decode(): int(at) for name, at in zip(marks[::2], marks[1::2], strict=True)}
+    unseen = sorted(ours - seen.keys())
+    stale = sorted(name for name in ours & seen.keys() if now_ms - seen[name] > idle_s * 1000)
+    gone = sorted(seen.keys() - loaded)  # deleted by someone else, or a flushed Redis
+    commands: list[tuple] = [("FUNCTION", "DELETE", name) for name in stale]
+    if unseen:
+        commands.append(("HSET", FUNCTIONS_IN_USE, *[part for name in unseen for part in (name, now_ms)]))
+    if stale or gone:
+        commands.append(("HDEL", FUNCTIONS_IN_USE, *stale, *gone))
+    if commands:
+        for reply in await client.execute_many(commands):
+            if isinstance(reply, ResponseError) and "library not found" not in str(reply).lower():
+                raise reply
+    if stale:
+        log.info("deleted Redis function libraries no process has used lately", extra={"libraries": stale})
+    return stale
+
+
+def _library_name(entry: list) -> str:
+    fields = dict(zip(entry[::2], entry[1::2], strict=False))
+    return fields[b"library_name"].decode()

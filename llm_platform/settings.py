@@ -166,6 +166,9 @@ GATEWAY = {
     "LIMITS_ENABLED": env_bool("GW_LIMITS_ENABLED", True),
     # A concurrency slot expires this long after its last heartbeat (a killed worker's slot).
     "SLOT_TTL_SECONDS": env_float("GW_SLOT_TTL_SECONDS", 60.0),
+    # A version of a Redis function library (one per deploy) that no process has used for this
+    # long is deleted (each process says which it uses once a minute).
+    "FUNCTION_IDLE_SECONDS": env_float("GW_FUNCTION_IDLE_SECONDS", 3600.0),
     # Settlement and usage rows leave for Redis with the next request's admission, or after at
     # most this many milliseconds: one write and one Redis wake-up instead of two under load.
     "REDIS_DEFER_MS": env_float("GW_REDIS_DEFER_MS", 2.0),

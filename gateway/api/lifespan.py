@@ -15,9 +15,27 @@ async def _flush_forever() -> None:
 
     from billing.recorder import flush_pending
 
+    seconds = 0
     while True:
         await asyncio.sleep(1.0)
         await flush_pending()
+        if seconds % 60 == 0:  # soon after start, then once a minute
+            await _prune_functions()
+        seconds += 1
+
+
+async def _prune_functions() -> None:
+    """Mark the Redis function libraries this process uses; delete versions no process has
+    used for GW_FUNCTION_IDLE_SECONDS (`scripts.prune_functions`)."""
+    from django.conf import settings
+
+    from ..limits import LIMITS
+    from ..scripts import prune_functions
+
+    try:
+        await prune_functions([LIMITS], settings.GATEWAY["FUNCTION_IDLE_SECONDS"])
+    except Exception as exc:  # noqa: BLE001 - Redis away or busy: the next minute tries again
+        log.warning("could not prune old Redis function libraries: %s", exc)
 
 
 async def startup() -> None:

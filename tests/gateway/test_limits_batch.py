@@ -469,3 +469,33 @@ def test_an_admission_into_a_slot_set_over_half_taken_releases_its_slot_first(te
     unlimited = principal(tenants, max_concurrent=None, requests_per_minute=100)
     (admitted,) = asyncio.run(admit_together(unlimited, [1]))
     assert admitted.release_first is False and admitted.headers["x-ratelimit-remaining-requests"] == "99"
+
+
+def test_versions_of_the_limits_library_no_process_uses_are_deleted():
+    """Each deploy loads the limits' library under a new name; a version that no process has
+    said it uses for the idle time goes, one first seen starts its idle time, ours stays."""
+    from gateway import scripts
+
+    r = get_redis()
+    old, fresh, legacy, vanished = (f"gw_limits_{digit * 16}" for digit in "0123")
+    for name in (old, fresh, legacy):
+        r.execute_command("FUNCTION", "LOAD", "REPLACE",
+                          f"#!lua name={name}\nredis.register_function('{name}', function() return 1 end)")
+    now = int(time.time() * 1000)
+    r.hset(scripts.FUNCTIONS_IN_USE, mapping={old: now - 7_200_000, fresh: now - 60_000, vanished: now - 60_000})
+
+    def libraries() -> set[str]:
+        return {entry[b"library_name"].decode() for entry in r.execute_command("FUNCTION", "LIST")}
+
+    try:
+        deleted = asyncio.run(scripts.prune_functions([limits.LIMITS], idle_s=3600))
+        marks = {name.decode(): int(at) for name, at in r.hgetall(scripts.FUNCTIONS_IN_USE).items()}
+        assert deleted == [old] and old not in libraries() and old not in marks
+        assert {fresh, legacy} <= libraries() and marks[fresh] == now - 60_000  # used a minute ago: kept
+        assert abs(marks[legacy] - now) < 5_000  # first seen: its idle time starts now
+        assert abs(marks[limits.LIMITS.name] - now) < 5_000  # this process uses it
+        assert vanished not in marks  # no longer in Redis: forgotten
+    finally:
+        for name in (fresh, legacy):
+            r.execute_command("FUNCTION", "DELETE", name)
+        r.delete(scripts.FUNCTIONS_IN_USE)
