@@ -361,7 +361,8 @@ class ChatCall:
                 await self._settle_attempt(served, started, failure)
         if not finished and self.outcome.finish_reason is None:
             self.partial = True
-        self.release_slot_first()  # the front door writes the stream's end after this
+        if self.schema is None:  # else the front door checks the whole output first (it may fail it)
+            self.release_slot_first()  # the front door writes the stream's end after this
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, GatewayError):
