@@ -30,8 +30,9 @@
 -- slots they free serve the admissions). One reply per operation: an admission's
 -- {0, failed_index, retry_after_ms} on refusal (index 1-based over every limit in the order: per
 -- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
--- bucket in order, then, if the plan has slot limits, 1 when a slot set is now more than half
--- full, else 0 (the caller then releases this request's slot before its answer goes out);
+-- bucket in order, then, if the plan has a limit that settlement gives back to (a slot set, a
+-- tokens bucket, a budget), 1 when one of them now has less than half its capacity left, else 0
+-- (the caller then settles this request before its answer goes out);
 -- a settlement's number of budget alerts raised.
 -- While a library loads, it sees no globals but `redis`: the builtins it keeps as locals are
 -- taken at its first call.
@@ -110,6 +111,7 @@ local function parse_plan(K, k, A, a)
     for i = 1, nb do
       scope.buckets[i] = {f = A[a], ts = A[a] .. ':ts', cap = tonumber(A[a + 1]), rate = tonumber(A[a + 2]),
                           tokens = A[a + 3] == '1'}
+      if scope.buckets[i].tokens then plan.settles_limits = true end
       a = a + 4
     end
     for i = 1, nm do
@@ -119,7 +121,7 @@ local function parse_plan(K, k, A, a)
       a = a + 3
     end
     plan.scopes[s] = scope
-    if scope.slot_limit > 0 then plan.has_slots = true end
+    if scope.slot_limit > 0 or nm > 0 then plan.settles_limits = true end
   end
   plan.n_scopes = n_scopes
   return plan
@@ -127,7 +129,7 @@ end
 
 local function admit(plan, rid, tokens, estimate)
   local index, out, n_out = 0, {1}, 1
-  local levels, spends = {}, {}
+  local levels, spends, crowded = {}, {}, 0
   -- Check every limit first; nothing is reserved unless all of them allow it.
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
@@ -141,6 +143,7 @@ local function admit(plan, rid, tokens, estimate)
         return {0, index, ceil((cost - level) / b.rate)}
       end
       local left = level - cost
+      if b.tokens and left * 2 < b.cap then crowded = 1 end  -- settlement refunds tokens
       levels[#levels + 1] = left
       out[n_out + 1] = floor(left)
       out[n_out + 2] = ceil((b.cap - left) / b.rate)
@@ -166,11 +169,12 @@ local function admit(plan, rid, tokens, estimate)
       if spent + estimate > m.cap then
         return {0, index, (m.day and day_left or month_left) * 1000}
       end
+      if (m.cap - spent - estimate) * 2 < m.cap then crowded = 1 end  -- settlement corrects the estimate
       spends[#spends + 1] = spent + estimate
     end
   end
   -- Every limit allows it: reserve.
-  local nl, ns, crowded = 0, 0, 0
+  local nl, ns = 0, 0
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
     local h = hashes[scope.hash]
@@ -202,7 +206,7 @@ local function admit(plan, rid, tokens, estimate)
       if (scope.slot_limit - z.n) * 2 < scope.slot_limit then crowded = 1 end
     end
   end
-  if plan.has_slots then out[n_out + 1] = crowded end
+  if plan.settles_limits then out[n_out + 1] = crowded end
   return out
 end
 

@@ -187,6 +187,27 @@ def test_a_sequential_client_at_its_concurrency_limit_is_never_refused_across_pr
             one.stop()
 
 
+def test_a_sequential_client_near_its_token_limit_gets_its_refunds_in_time_across_processes(routes, tenants):
+    """Admission reserves prompt + max_tokens; settlement refunds what was not used. A client that
+    waits for each answer must find its previous call's refund applied, whichever process its next
+    request reaches: here each request reserves over half the bucket and uses a few tokens, so
+    without the refund before the answer every other request would get 429."""
+    _, _, secret = tenants.make(tier={"tokens_per_minute": 1500, "requests_per_minute": None,
+                                      "requests_per_hour": None, "max_concurrent": None})
+    servers = [Server({"GW_REDIS_DEFER_MS": "50"}) for _ in range(2)]
+    try:
+        clients = [openai.OpenAI(base_url=one.base_url, api_key=secret, max_retries=0, timeout=30) for one in servers]
+        used = 0
+        for i in range(12):
+            answer = clients[i % 2].chat.completions.create(model="local", max_tokens=800,
+                                                            messages=[{"role": "user", "content": "hi"}])
+            used += answer.usage.total_tokens
+    finally:
+        for one in servers:
+            one.stop()
+    assert used < 1500 - 800  # what the calls used leaves room for one more reservation: no refusal was due
+
+
 def test_slot_is_released_on_upstream_error(server, tenants, fakes_reset):
     _, _, secret = tenants.make(tier={"max_concurrent": 1})
     with pytest.raises(openai.InternalServerError):

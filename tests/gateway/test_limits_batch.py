@@ -457,11 +457,13 @@ def test_a_plan_names_the_new_budget_periods_from_utc_midnight(tenants, monkeypa
     assert renewed is not plan and periods(renewed) == ["2026-12-01", "2026-12"]
 
 
-def test_an_admission_into_a_slot_set_over_half_taken_releases_its_slot_first(tenants):
-    """Settlements usually wait to ride with a later write; an admission that leaves its
-    tenant's (or key's) slots more than half taken is told to release its slot before its
-    answer ends (`release_first`), so that a client waiting on it is not refused next time."""
-    who = principal(tenants, max_concurrent=4, requests_per_minute=100)
+def test_an_admission_that_leaves_a_limit_under_half_free_is_settled_before_its_answer(tenants):
+    """Settlements usually wait to ride with a later write; an admission that leaves less than
+    half of a limit its settlement gives back to (slots, a tokens bucket, a budget) is told to
+    settle before its answer ends (`release_first`), so that a client waiting on it is not
+    refused next time. A requests bucket gets nothing back: it never asks."""
+    who = principal(tenants, max_concurrent=4, requests_per_minute=100, tokens_per_minute=None,
+                    daily_budget_usd=None, monthly_budget_usd=None)
     results = asyncio.run(admit_together(who, [1, 1, 1, 1, 1]))
     assert [getattr(r, "release_first", None) for r in results[:4]] == [False, False, True, True]  # 3, 2, 1, 0 free
     assert isinstance(results[4], GatewayError) and results[4].status == 429
@@ -469,6 +471,19 @@ def test_an_admission_into_a_slot_set_over_half_taken_releases_its_slot_first(te
     unlimited = principal(tenants, max_concurrent=None, requests_per_minute=100)
     (admitted,) = asyncio.run(admit_together(unlimited, [1]))
     assert admitted.release_first is False and admitted.headers["x-ratelimit-remaining-requests"] == "99"
+
+    tokens = principal(tenants, max_concurrent=None, requests_per_minute=2, tokens_per_minute=1000,
+                       daily_budget_usd=None, monthly_budget_usd=None)
+    assert [r.release_first for r in asyncio.run(admit_together(tokens, [300, 300]))] == [False, True]  # 700, 400 left
+    budget = principal(tenants, max_concurrent=None, requests_per_minute=100, tokens_per_minute=None,
+                       daily_budget_usd=Decimal("5"), monthly_budget_usd=None)
+
+    async def spend(usd: str) -> limits.Admission:
+        admission, operation = limits.prepare_admission(budget, f"req-{uuid.uuid4().hex}", 1, limits.nano(Decimal(usd)))
+        return outcome(admission, await limits.submit(operation))
+
+    assert asyncio.run(spend("2")).release_first is False  # $3 of $5 left
+    assert asyncio.run(spend("1")).release_first is True  # $2 left
 
 
 def test_versions_of_the_limits_library_no_process_uses_are_deleted():
