@@ -461,8 +461,9 @@ class ChatCall:
 
     async def settle(self) -> None:
         """Settle (unless `release_slot_first` did) and record the usage row, whatever happens."""
-        if self._settlement is None:
-            self._settlement = self._submit_settlement()
+        if self._settlement is None:  # an error, a client gone: at once too if a limit is crowded
+            self._settlement = self._submit_settlement(at_once=self.admission is not None
+                                                       and self.admission.release_first)
         settled, row = self._settlement
         if self._reports:  # lane reports: in the same write as the settlement
             try:
