@@ -292,9 +292,9 @@ class Admission:
         self.estimate_nano = estimate_nano
         self.header_pairs: list[tuple[bytes, bytes]] = []  # as the response carries them
         # Once it was admitted, a limit that its settlement gives back to (its slot, the tokens
-        # it reserved beyond what it uses, its estimated spend) had less than half its capacity
-        # left: its settlement goes to Redis before its answer's last bytes go to the client, so
-        # that the client's next request, to any process, sees what it gave back.
+        # it reserved beyond what it uses, its estimated spend) had room for fewer than two more
+        # requests like it: its settlement goes to Redis before its answer's last bytes go to the
+        # client, so that the client's next request, to any process, sees what it gave back.
         self.release_first = False
 
     @property

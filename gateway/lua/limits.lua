@@ -31,8 +31,8 @@
 -- {0, failed_index, retry_after_ms} on refusal (index 1-based over every limit in the order: per
 -- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
 -- bucket in order, then, if the plan has a limit that settlement gives back to (a slot set, a
--- tokens bucket, a budget), 1 when one of them now has less than half its capacity left, else 0
--- (the caller then settles this request before its answer goes out);
+-- tokens bucket, a budget), 1 when one of them now has room for fewer than two more requests
+-- like this one, else 0 (the caller then settles this request before its answer goes out);
 -- a settlement's number of budget alerts raised.
 -- While a library loads, it sees no globals but `redis`: the builtins it keeps as locals are
 -- taken at its first call.
@@ -143,7 +143,7 @@ local function admit(plan, rid, tokens, estimate)
         return {0, index, ceil((cost - level) / b.rate)}
       end
       local left = level - cost
-      if b.tokens and left * 2 < b.cap then crowded = 1 end  -- settlement refunds tokens
+      if b.tokens and left < 2 * cost then crowded = 1 end  -- settlement refunds tokens
       levels[#levels + 1] = left
       out[n_out + 1] = floor(left)
       out[n_out + 2] = ceil((b.cap - left) / b.rate)
@@ -169,7 +169,7 @@ local function admit(plan, rid, tokens, estimate)
       if spent + estimate > m.cap then
         return {0, index, (m.day and day_left or month_left) * 1000}
       end
-      if (m.cap - spent - estimate) * 2 < m.cap then crowded = 1 end  -- settlement corrects the estimate
+      if m.cap - spent - estimate < 2 * estimate then crowded = 1 end  -- settlement corrects the estimate
       spends[#spends + 1] = spent + estimate
     end
   end
@@ -203,7 +203,7 @@ local function admit(plan, rid, tokens, estimate)
       add[#add + 1] = rid
       z.n = z.n + 1
       if z.ttl < plan.slot_ttl + 60000 then z.ttl = plan.slot_ttl + 60000 end
-      if (scope.slot_limit - z.n) * 2 < scope.slot_limit then crowded = 1 end
+      if scope.slot_limit - z.n < 2 then crowded = 1 end
     end
   end
   if plan.settles_limits then out[n_out + 1] = crowded end

@@ -457,11 +457,12 @@ def test_a_plan_names_the_new_budget_periods_from_utc_midnight(tenants, monkeypa
     assert renewed is not plan and periods(renewed) == ["2026-12-01", "2026-12"]
 
 
-def test_an_admission_that_leaves_a_limit_under_half_free_is_settled_before_its_answer(tenants):
-    """Settlements usually wait to ride with a later write; an admission that leaves less than
-    half of a limit its settlement gives back to (slots, a tokens bucket, a budget) is told to
-    settle before its answer ends (`release_first`), so that a client waiting on it is not
-    refused next time. A requests bucket gets nothing back: it never asks."""
+def test_an_admission_that_leaves_room_for_fewer_than_two_more_is_settled_before_its_answer(tenants):
+    """Settlements usually wait to ride with a later write; an admission that leaves room for
+    fewer than two more requests like it in a limit its settlement gives back to (slots, a tokens
+    bucket, a budget) is told to settle before its answer ends (`release_first`), so that a
+    client waiting on it is not refused next time. A requests bucket gets nothing back: it never
+    asks."""
     who = principal(tenants, max_concurrent=4, requests_per_minute=100, tokens_per_minute=None,
                     daily_budget_usd=None, monthly_budget_usd=None)
     results = asyncio.run(admit_together(who, [1, 1, 1, 1, 1]))
@@ -482,8 +483,8 @@ def test_an_admission_that_leaves_a_limit_under_half_free_is_settled_before_its_
         admission, operation = limits.prepare_admission(budget, f"req-{uuid.uuid4().hex}", 1, limits.nano(Decimal(usd)))
         return outcome(admission, await limits.submit(operation))
 
-    assert asyncio.run(spend("2")).release_first is False  # $3 of $5 left
-    assert asyncio.run(spend("1")).release_first is True  # $2 left
+    assert asyncio.run(spend("1")).release_first is False  # $4 of $5 left: room for four more
+    assert asyncio.run(spend("1.5")).release_first is True  # $2.50 left: room for one more
 
 
 def test_versions_of_the_limits_library_no_process_uses_are_deleted():
