@@ -364,13 +364,16 @@ def test_repeated_bad_keys_from_one_address_get_429(routes):
         throttled.stop()
 
 
-def test_redis_outage_is_a_fast_503_and_recovers_without_losing_rows(routes, tenants, tmp_path):
-    """A private Redis for this server: stop it mid-stream, then bring it back on the same port."""
+@pytest.mark.parametrize("tier", [{}, {"max_concurrent": 1}], ids=["deferred-settlement", "settled-before-the-end"])
+def test_redis_outage_is_a_fast_503_and_recovers_without_losing_rows(routes, tenants, tmp_path, tier):
+    """A private Redis for this server: stop it mid-stream, then bring it back on the same port.
+    With a limit of one concurrent call, the stream's settlement is written before its end
+    (at once, not deferred): its row must survive the outage just the same."""
     from django.conf import settings as django_settings
 
     from llm_platform.embedded import EmbeddedRedis
 
-    _, _, secret = tenants.make()
+    _, _, secret = tenants.make(tier=tier)
     store = EmbeddedRedis(tmp_path / "redis", persist=False)
     url = store.start()
     server = Server({"REDIS_URL": url})
