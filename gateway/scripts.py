@@ -70,9 +70,11 @@ async def prune_functions(in_use: list[LuaFunction], idle_s: float) -> list[str]
     has said so of for `idle_s`: each deploy loads a library under a new name (its source's
     hash), and Redis would otherwise keep every old one, with the plans it holds, for ever.
 
-    A library first seen here (one loaded before this existed) starts its idle time now. A
-    process of an old version still running when its library goes just loads it again (a
-    missing function is loaded on demand). Returns the names deleted."""
+    Libraries are global to a Redis server, the marks are per database: a library this
+    database's processes never named (another deployment's, on another database of the same
+    Redis) is left alone; that deployment's own processes prune it. A process of an old version
+    still running when its library goes just loads it again (a missing function is loaded on
+    demand). Returns the names deleted."""
     client = get_resp()
     now_ms = int(time.time() * 1000)
     (_, listed, marks) = await client.execute_many([
@@ -84,12 +86,9 @@ async def prune_functions(in_use: list[LuaFunction], idle_s: float) -> list[str]
     loaded = {_library_name(entry) for entry in listed}
     ours = {name for name in loaded if name.startswith(FUNCTION_LIBRARY_PREFIXES)}
     seen = {name.decode(): int(at) for name, at in zip(marks[::2], marks[1::2], strict=True)}
-    unseen = sorted(ours - seen.keys())
     stale = sorted(name for name in ours & seen.keys() if now_ms - seen[name] > idle_s * 1000)
     gone = sorted(seen.keys() - loaded)  # deleted by someone else, or a flushed Redis
     commands: list[tuple] = [("FUNCTION", "DELETE", name) for name in stale]
-    if unseen:
-        commands.append(("HSET", FUNCTIONS_IN_USE, *[part for name in unseen for part in (name, now_ms)]))
     if stale or gone:
         commands.append(("HDEL", FUNCTIONS_IN_USE, *stale, *gone))
     if commands:
