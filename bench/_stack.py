@@ -158,6 +158,16 @@ def with_path(url: str, path: str) -> str:
     return urlunparse(urlparse(url)._replace(path=path))
 
 
+def redis_db_url(url: str, db: int) -> str:
+    """`url` naming database `db`: the path of redis://, the `db` query of unix:// (whose
+    path is the socket's)."""
+    parts = urlparse(url)
+    if parts.scheme == "unix":
+        query = "&".join([q for q in parts.query.split("&") if q and not q.startswith("db=")] + [f"db={db}"])
+        return f"unix://{parts.netloc}{parts.path}?{query}"
+    return with_path(url, f"/{db}")
+
+
 class Services:
     """PostgreSQL and Redis URLs for this run (and the embedded servers it had to start)."""
 
@@ -195,7 +205,7 @@ class Services:
             base_redis = rd.start()
             self.where.append(f"embedded Redis on port {rd.port}")
         self.database_url = with_path(base_db, "/" + DB_NAME)
-        self.redis_url = with_path(base_redis, f"/{REDIS_DB}")
+        self.redis_url = redis_db_url(base_redis, REDIS_DB)
         self._fresh_database(with_path(base_db, "/postgres"))
         self.flush_redis()
 

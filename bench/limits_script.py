@@ -30,7 +30,6 @@ import time
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
@@ -45,7 +44,9 @@ def redis_url(scratch: Path) -> tuple[str, object | None]:
     import redis
 
     if os.environ.get("REDIS_URL"):
-        return urlunsplit(urlsplit(os.environ["REDIS_URL"])._replace(path="/15")), None
+        from bench._stack import redis_db_url
+
+        return redis_db_url(os.environ["REDIS_URL"], 15), None
     try:
         redis.Redis(socket_connect_timeout=0.5).ping()
         return "redis://127.0.0.1:6379/15", None
