@@ -213,7 +213,6 @@ class _Plan:
     full: bytes = b""  # the plan's part of the script's arguments, spelled out (packed)
     n_full: int = 0
     short: bytes = b""  # the same, by name only
-    settles_limits: bool = False  # a slot limit, tokens bucket or budget: the script says when they are crowded
 
     # per header kind ("requests", "tokens"): its three header names, then the reply positions
     # (remaining, reset) and limit (as text) of the first bucket that feeds it, then those of
@@ -263,8 +262,6 @@ def _plan_for(principal: Principal) -> _Plan:
     plan.header_kinds = [_HeaderKind(b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
                                      b"x-ratelimit-reset-" + kind.encode(), *candidates[0], tuple(candidates[1:]))
                          for kind, candidates in kinds.items()]
-    plan.settles_limits = any(scope.slot_limit or scope.budgets or any(b.header == "tokens" for b in scope.buckets)
-                              for scope in scopes)
     if scopes:
         plan.keys, plan.n_keys = pack_args(keys), len(keys)
         args = pack_args(spec)
@@ -350,8 +347,7 @@ def finish_admission(admission: Admission, result) -> Admission:
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
     admission.header_pairs = _headers(admission.plan.header_kinds, result)
-    if admission.plan.settles_limits:
-        admission.release_first = result[-1] == 1
+    admission.release_first = result[-1] == 1  # the script's last value: a limit is crowded
     return admission
 
 

@@ -30,9 +30,9 @@
 -- slots they free serve the admissions). One reply per operation: an admission's
 -- {0, failed_index, retry_after_ms} on refusal (index 1-based over every limit in the order: per
 -- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
--- bucket in order, then, if the plan has a limit that settlement gives back to (a slot set, a
--- tokens bucket, a budget), 1 when one of them now has room for fewer than two more requests
--- like this one, else 0 (the caller then settles this request before its answer goes out);
+-- bucket in order, then 1 when a limit that settlement gives back to (a slot set, a tokens
+-- bucket, a budget) now has room for fewer than two more requests like this one, else 0 (the
+-- caller then settles this request before its answer goes out);
 -- a settlement's number of budget alerts raised.
 -- While a library loads, it sees no globals but `redis`: the builtins it keeps as locals are
 -- taken at its first call.
@@ -111,7 +111,6 @@ local function parse_plan(K, k, A, a)
     for i = 1, nb do
       scope.buckets[i] = {f = A[a], ts = A[a] .. ':ts', cap = tonumber(A[a + 1]), rate = tonumber(A[a + 2]),
                           tokens = A[a + 3] == '1'}
-      if scope.buckets[i].tokens then plan.settles_limits = true end
       a = a + 4
     end
     for i = 1, nm do
@@ -121,7 +120,6 @@ local function parse_plan(K, k, A, a)
       a = a + 3
     end
     plan.scopes[s] = scope
-    if scope.slot_limit > 0 or nm > 0 then plan.settles_limits = true end
   end
   plan.n_scopes = n_scopes
   return plan
@@ -206,7 +204,7 @@ local function admit(plan, rid, tokens, estimate)
       if scope.slot_limit - z.n < 2 then crowded = 1 end
     end
   end
-  if plan.settles_limits then out[n_out + 1] = crowded end
+  out[n_out + 1] = crowded
   return out
 end
 
