@@ -62,7 +62,6 @@ async def run_scripts(calls: list[ScriptCall], defer: bool = False) -> list:
 
 
 FUNCTIONS_IN_USE = "gw:functions"  # hash: library name -> ms at which a process last said it uses it
-FUNCTION_LIBRARY_PREFIXES = ("gw_limits_",)  # the versions of our libraries (`LuaFunction` names)
 
 
 async def prune_functions(in_use: list[LuaFunction], idle_s: float) -> list[str]:
@@ -84,9 +83,8 @@ async def prune_functions(in_use: list[LuaFunction], idle_s: float) -> list[str]
     ])
     raise_errors([listed, marks])
     loaded = {_library_name(entry) for entry in listed}
-    ours = {name for name in loaded if name.startswith(FUNCTION_LIBRARY_PREFIXES)}
     seen = {name.decode(): int(at) for name, at in zip(marks[::2], marks[1::2], strict=True)}
-    stale = sorted(name for name in ours & seen.keys() if now_ms - seen[name] > idle_s * 1000)
+    stale = sorted(name for name in loaded & seen.keys() if now_ms - seen[name] > idle_s * 1000)
     gone = sorted(seen.keys() - loaded)  # deleted by someone else, or a flushed Redis
     commands: list[tuple] = [("FUNCTION", "DELETE", name) for name in stale]
     if stale or gone:
