@@ -163,7 +163,24 @@ def test_concurrency_limit_refuses_the_second_in_flight_call_and_frees_on_succes
     assert chat(server, secret).http_response.status_code == 200  # the slot was released
 
 
-def test_a_sequential_client_at_its_concurrency_limit_is_never_refused_across_processes(routes, tenants):
+@pytest.fixture
+def two_slow_settling_servers(routes):
+    """Two platform processes whose settlements wait up to 50 ms (GW_REDIS_DEFER_MS) to ride
+    with a later write: longer than the SDK takes between two requests."""
+    servers = [Server({"GW_REDIS_DEFER_MS": "50"}) for _ in range(2)]
+    try:
+        yield servers
+    finally:
+        for one in servers:
+            one.stop()
+
+
+def sdk_clients(servers: list[Server], secret: str) -> list[openai.OpenAI]:
+    return [openai.OpenAI(base_url=one.base_url, api_key=secret, max_retries=0, timeout=30) for one in servers]
+
+
+def test_a_sequential_client_at_its_concurrency_limit_is_never_refused_across_processes(two_slow_settling_servers,
+                                                                                        tenants):
     """A client that waits for each answer before sending the next never has more than one call
     in flight, so a limit of one concurrent request must never refuse it, even when a load
     balancer sends each request to another process: the finished call's slot is released before
@@ -171,40 +188,31 @@ def test_a_sequential_client_at_its_concurrency_limit_is_never_refused_across_pr
     GW_REDIS_DEFER_MS to ride with a later write: 50 ms here, longer than the SDK takes between
     two requests, so that without that ordering every other request would get 429."""
     _, _, secret = tenants.make(tier={"max_concurrent": 1})
-    servers = [Server({"GW_REDIS_DEFER_MS": "50"}) for _ in range(2)]
-    try:
-        clients = [openai.OpenAI(base_url=one.base_url, api_key=secret, max_retries=0, timeout=30) for one in servers]
-        messages = [{"role": "user", "content": "hello"}]
-        for i in range(40):
-            client = clients[i % 2]
-            if i % 4 < 2:
-                assert client.chat.completions.create(model="local", messages=messages).choices[0].message.content
-            else:
-                chunks = list(client.chat.completions.create(model="local", messages=messages, stream=True))
-                assert chunks and chunks[-1].choices[0].finish_reason == "stop"
-    finally:
-        for one in servers:
-            one.stop()
+    clients = sdk_clients(two_slow_settling_servers, secret)
+    messages = [{"role": "user", "content": "hello"}]
+    for i in range(40):
+        client = clients[i % 2]
+        if i % 4 < 2:
+            assert client.chat.completions.create(model="local", messages=messages).choices[0].message.content
+        else:
+            chunks = list(client.chat.completions.create(model="local", messages=messages, stream=True))
+            assert chunks and chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_a_sequential_client_near_its_token_limit_gets_its_refunds_in_time_across_processes(routes, tenants):
+def test_a_sequential_client_near_its_token_limit_gets_its_refunds_in_time_across_processes(two_slow_settling_servers,
+                                                                                           tenants):
     """Admission reserves prompt + max_tokens; settlement refunds what was not used. A client that
     waits for each answer must find its previous call's refund applied, whichever process its next
     request reaches: here each request reserves over half the bucket and uses a few tokens, so
     without the refund before the answer every other request would get 429."""
     _, _, secret = tenants.make(tier={"tokens_per_minute": 1500, "requests_per_minute": None,
                                       "requests_per_hour": None, "max_concurrent": None})
-    servers = [Server({"GW_REDIS_DEFER_MS": "50"}) for _ in range(2)]
-    try:
-        clients = [openai.OpenAI(base_url=one.base_url, api_key=secret, max_retries=0, timeout=30) for one in servers]
-        used = 0
-        for i in range(12):
-            answer = clients[i % 2].chat.completions.create(model="local", max_tokens=800,
-                                                            messages=[{"role": "user", "content": "hi"}])
-            used += answer.usage.total_tokens
-    finally:
-        for one in servers:
-            one.stop()
+    clients = sdk_clients(two_slow_settling_servers, secret)
+    used = 0
+    for i in range(12):
+        answer = clients[i % 2].chat.completions.create(model="local", max_tokens=800,
+                                                        messages=[{"role": "user", "content": "hi"}])
+        used += answer.usage.total_tokens
     assert used < 1500 - 800  # what the calls used leaves room for one more reservation: no refusal was due
 
 
