@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/limits_script.py [--requests 3000] [--batches 1,3,8] [--concurrency 1,8,32]
 
-Two figures, both steadier on a shared VM than the end-to-end benchmark (bench/limits.py):
+Two figures, both steadier on a shared VM than the end-to-end benchmark (bench/limits.py), both
+with leases off (GW_LIMITS_LEASE_UNITS=0): every request goes through the script, as it does
+near a limit:
 
 - Redis time per request (admission + settlement) by requests per script call: `requests`
   admissions and settlements of the bench principal (three buckets, a concurrency slot, two
@@ -34,6 +36,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
 os.environ.setdefault("SECRET_KEY", "bench-limits-script")
+# Every request through the script: what a request costs where leases are not granted (near a limit)
+os.environ["GW_LIMITS_LEASE_UNITS"] = "0"
 
 LOCK = Path(tempfile.gettempdir()) / "gw-bench.lock"
 ROW = {"request_id": "r" * 32, "tenant_id": 1, "model": "bench", "prompt_tokens": 10, "completion_tokens": 20,

@@ -14,6 +14,12 @@ The operations a process issues during one event-loop iteration go to Redis as o
 admissions): under load Redis reads each scope's state once per call, not twice per request,
 and the fixed cost of a script call is shared. An admission is still one atomic round trip.
 
+Far from every limit, an admission also takes a lease: room for a few more requests like it
+from every limit at once, which this process then admits by itself, without a round trip, and
+gives back unused when it is idle or old (`Lease`). Nothing is ever admitted beyond a limit;
+what a lease holds out of other processes' sight is small (at most 1/64 of a limit, granted
+only while every limit keeps half its room) and returns within GW_LIMITS_LEASE_SECONDS.
+
 Money in Redis is integer nano-dollars; a price in USD per million tokens is exactly
 1000 nano-dollars per token per unit of price.
 """
@@ -23,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,6 +213,7 @@ class _Plan:
     until: float  # the end of the UTC day its budget periods name (epoch seconds)
     scopes: list[Scope]
     ordered: list[Limit]  # every limit in the script's refusal-index order
+    buckets: list[Limit]  # every bucket, in the order the script reports them
     token_capacity: int | None  # the smallest tokens-per-minute bucket
     slot_keys: list[str]
     keys: bytes = b""  # per scope: hash, slot set (packed)
@@ -213,6 +222,8 @@ class _Plan:
     full: bytes = b""  # the plan's part of the script's arguments, spelled out (packed)
     n_full: int = 0
     short: bytes = b""  # the same, by name only
+    leasable: bool = False  # its requests limits and slot limits are large enough for a lease
+    budgeted: bool = False  # it has a budget
 
     # per header kind ("requests", "tokens"): its three header names, then the reply positions
     # (remaining, reset) and limit (as text) of the first bucket that feeds it, then those of
@@ -252,8 +263,12 @@ def _plan_for(principal: Principal) -> _Plan:
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
     capacities = [b.limit for b in buckets if b.header == "tokens"]
-    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, ordered, min(capacities) if capacities else None,
-                 [scope.slot_key for scope in scopes if scope.slot_limit])
+    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, ordered, buckets,
+                 min(capacities) if capacities else None, [scope.slot_key for scope in scopes if scope.slot_limit])
+    least = LEASE_SHARE * LEASE_MIN  # below this, the script would never grant one: not asked
+    plan.leasable = (all(b.limit >= least for b in buckets if b.header != "tokens")
+                     and all(scope.slot_limit == 0 or scope.slot_limit >= least for scope in scopes))
+    plan.budgeted = any(scope.budgets for scope in scopes)
     # The script reports remaining/reset for every bucket, in this order, after its leading 1.
     kinds: dict[str, list[tuple[int, bytes]]] = {}
     for i, bucket in enumerate(buckets):
@@ -278,7 +293,7 @@ class Admission:
     """A request let in: what it reserved, and the x-ratelimit-* headers of its answer."""
 
     __slots__ = ("request_id", "tenant_id", "plan", "reserved_tokens", "estimate_nano", "header_pairs",
-                 "release_first")
+                 "release_first", "lease", "lease_wanted", "lease_id")
 
     def __init__(self, request_id: str, tenant_id: int, plan: _Plan, reserved_tokens: int = 0,
                  estimate_nano: int = 0) -> None:
@@ -293,6 +308,9 @@ class Admission:
         # requests like it: its settlement goes to Redis before its answer's last bytes go to the
         # client, so that the client's next request, to any process, sees what it gave back.
         self.release_first = False
+        self.lease: Lease | None = None  # admitted by this process from that lease
+        self.lease_wanted = 0  # the units of lease its admission asked for
+        self.lease_id = ""  # and the id it asked for it under
 
     @property
     def headers(self) -> dict[str, str]:
@@ -302,24 +320,34 @@ class Admission:
     def slot_keys(self) -> list[str]:
         return self.plan.slot_keys
 
+    @property
+    def slot_members(self) -> tuple[str, ...]:
+        """Its concurrency slot's member in each slot set: its own, or its lease's (all of them)."""
+        return self.lease.members() if self.lease is not None else (self.request_id,)
+
 
 class Operation(NamedTuple):
-    """One admission or settlement for lua/limits.lua (`submit` sends it): its plan, and its
-    request's own arguments after the kind and the plan's index (packed)."""
+    """One operation of lua/limits.lua (`submit` sends it): its plan, its kind, and its own
+    arguments after the kind and the plan's index (packed)."""
 
     plan: _Plan
-    settles: bool
+    kind: int  # ADMIT, SETTLE, ADMIT_LEASE, RETURN or LEASE: odd kinds give back
     values: bytes
     n_values: int
+
+
+ADMIT, SETTLE, ADMIT_LEASE, RETURN, LEASE = range(5)
+_KIND_LETTERS = "asLrl"  # as the script names them
 
 
 _operation = functools.partial(tuple.__new__, Operation)  # what Operation(...) does, without its Python-level __new__
 
 
 def prepare_admission(principal: Principal, request_id: str, tokens: int,
-                      estimate: int) -> tuple[Admission, Operation] | tuple[None, None]:
-    """The admission operation for this request; (None, None) when the principal has no limits
-    (nothing to admit or settle: its usage row is a plain XADD)."""
+                      estimate: int) -> tuple[Admission, Operation | None] | tuple[None, None]:
+    """The admission operation for this request, or (admission, None) when this process admitted
+    it from a lease; (None, None) when the principal has no limits (nothing to admit or settle:
+    its usage row is a plain XADD)."""
     plan = _plan_for(principal)
     if not plan.scopes:
         return None, None
@@ -327,8 +355,20 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
         raise GatewayError(400, f"This request needs {tokens} tokens but the limit is {plan.token_capacity} tokens "
                                 "per minute; lower max_tokens or shorten the prompt.",
                            code="request_exceeds_limit", param="max_tokens")
-    return (Admission(request_id, principal.tenant_id, plan, tokens, estimate),
-            _operation((plan, False, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3)))
+    admission = Admission(request_id, principal.tenant_id, plan, tokens, estimate)
+    want = 0
+    if plan.leasable:
+        batcher = _batcher()
+        lease = batcher.leases.get(id(plan))
+        if lease is not None and lease.admit(admission):
+            return admission, None
+        want = batcher.lease_wanted(plan)
+    if want:
+        admission.lease_wanted = want
+        admission.lease_id = _lease_id()
+        return admission, _operation((plan, ADMIT_LEASE, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate)
+                                      + pack_args((want, admission.lease_id, LEASE_SLOTS)), 6))
+    return admission, _operation((plan, ADMIT, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3))
 
 
 def _bulk3(a: bytes, b: bytes, c: bytes) -> bytes:
@@ -342,8 +382,16 @@ def _bulk4(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
 
 def finish_admission(admission: Admission, result) -> Admission:
     """Turn the admission's reply into headers, or raise the refusal (503 if Redis failed)."""
+    if admission.lease_wanted:
+        _batcher().leasing.pop(id(admission.plan), None)
     if isinstance(result, Exception):
         raise unavailable() from None
+    if admission.lease_wanted and result[0] == 1:  # its last values: the lease granted (units, slots)
+        if result[-2] > 0:
+            batcher = _batcher()
+            batcher.granted(Lease(batcher, admission.plan, admission.lease_id, result[-2], result[-1],
+                                  admission.reserved_tokens, admission.estimate_nano, result))
+        result = result[:-2]  # the crowded flag last, as for any admission
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
     admission.header_pairs = _headers(admission.plan.header_kinds, result)
@@ -371,7 +419,167 @@ def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row:
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
     values = _bulk4(admission.request_id.encode(), b"%d" % refund, b"%d" % delta, orjson.dumps(row, default=str))
-    return _operation((admission.plan, True, values, 4))
+    return _operation((admission.plan, SETTLE, values, 4))
+
+
+def settle_locally(admission: Admission, used_tokens: int, cost: Decimal) -> None:
+    """Settle a request admitted from a lease into that lease (its row goes to the usage stream
+    as it is: `billing.recorder.record`)."""
+    admission.lease.settle(admission, used_tokens, nano(cost))
+
+
+# A lease: at most this share of a bucket, a slot set (a quarter of it for a budget), and at least
+# this many requests, or none (lua/limits.lua's LEASE_SHARE and LEASE_MIN). Its slots: this many
+# for a plan's first lease, then twice the requests in flight from the one it replaces, plus this.
+LEASE_SHARE, LEASE_MIN = 64, 4
+LEASE_SLOTS, MAX_LEASE_SLOTS = 8, 512
+_lease_ids = itertools.count(1)
+_PROCESS_TAG = secrets.token_hex(6)  # lease ids (slot members) of different processes never meet
+
+
+def _lease_id() -> str:
+    return f"{_PROCESS_TAG}.{next(_lease_ids):x}"
+
+
+class Lease:
+    """Room for `units` more requests like the one that took it, taken from every limit of its
+    plan at once (lua/limits.lua's 'L'): this process admits requests from it without a round
+    trip while it lasts, each taking one request, its tokens and its estimate (and a slot, given
+    back to the lease when it ends); refunds and overshoots settle into it. It stops admitting
+    after GW_LIMITS_LEASE_SECONDS, when idle for a tenth of that, or when a request does not fit;
+    then, once its last request has settled, what it holds goes back to Redis in one operation
+    ('r'). A process that dies holding one loses that room until the buckets refill, the slots
+    expire (GW_SLOT_TTL_SECONDS) and, for budgets, the period ends: at most 1/256 of a budget."""
+
+    __slots__ = ("batcher", "plan", "lease_id", "units", "slots", "requests", "tokens", "nano", "free_slots",
+                 "in_flight", "tokens_granted", "snapshot", "granted_at", "last_used", "closing", "timer",
+                 "returned", "renewing", "_members")
+
+    def __init__(self, batcher: _Batcher, plan: _Plan, lease_id: str, units: int, slots: int, tokens: int,
+                 estimate: int, reply: list):
+        self.batcher, self.plan, self.lease_id, self.units = batcher, plan, lease_id, units
+        self.requests = units
+        self.tokens = self.tokens_granted = units * tokens
+        self.nano = units * estimate
+        self.slots = slots  # slot members <lease id>~<i> it holds (none without a slot limit)
+        self.free_slots = self.slots if plan.slot_keys else 1 << 30  # no slot limit: never short
+        self.renewing = False  # the next lease was asked for
+        self.in_flight = 0
+        self.snapshot = reply  # the admitting request's reply: each bucket's remaining, as of then
+        self.granted_at = self.last_used = time.monotonic()
+        self.closing = self.returned = False
+        self.timer = batcher.loop.call_later(_lease_idle_s(), self.check)
+        self._members: tuple[str, ...] = ()
+
+    def members(self) -> tuple[str, ...]:
+        if not self._members:
+            self._members = tuple(f"{self.lease_id}~{i}" for i in range(1, self.slots + 1))
+        return self._members
+
+    def admit(self, admission: Admission) -> bool:
+        """Admit this request from the lease, if it fits and the lease is still fresh."""
+        now = time.monotonic()
+        if (self.requests < 1 or self.free_slots < 1 or now - self.granted_at > settings.GATEWAY["LEASE_SECONDS"]
+                or (self.plan.token_capacity is not None and self.tokens < admission.reserved_tokens)
+                or (self.plan.budgeted and self.nano < admission.estimate_nano)):
+            self.close()
+            return False
+        self.requests -= 1
+        self.tokens -= admission.reserved_tokens
+        self.nano -= admission.estimate_nano
+        self.free_slots -= 1
+        self.in_flight += 1
+        self.last_used = now
+        admission.lease = self
+        admission.header_pairs = self.headers()
+        if not self.renewing and self.running_low(admission):
+            # the next one comes before this one runs out, with slots for twice the requests it has in flight
+            self.renewing = self.batcher.renew(self.plan, admission, min(2 * self.in_flight + LEASE_SLOTS, MAX_LEASE_SLOTS))
+        return True
+
+    def running_low(self, admission: Admission) -> bool:
+        """A quarter or less of something it holds is left, for requests like this one."""
+        quarter = self.units // 4
+        return (self.requests <= quarter or self.free_slots <= self.slots // 4
+                or (self.plan.token_capacity is not None and self.tokens <= quarter * admission.reserved_tokens)
+                or (self.plan.budgeted and self.nano <= quarter * admission.estimate_nano))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """x-ratelimit-* as of the lease's grant, less what this process has taken since."""
+        values, snapshot = [1], self.snapshot
+        used_requests, used_tokens = self.units - self.requests, self.tokens_granted - self.tokens
+        for i, bucket in enumerate(self.plan.buckets):
+            remaining = snapshot[2 * i + 1] - (used_tokens if bucket.header == "tokens" else used_requests)
+            values += (remaining, math.ceil((bucket.limit - remaining) / bucket.rate_per_ms))
+        return _headers(self.plan.header_kinds, values)
+
+    def count_in(self, old: Lease) -> None:
+        """Its headers also count what `old`, which it replaces, has not used: that goes back
+        to the buckets, which its own snapshot, taken while `old` held it, did not show."""
+        snapshot = list(self.snapshot)
+        for i, bucket in enumerate(self.plan.buckets):
+            snapshot[2 * i + 1] += old.tokens if bucket.header == "tokens" else old.requests
+        self.snapshot = snapshot
+
+    def settle(self, admission: Admission, used_tokens: int, cost_nano: int) -> None:
+        self.tokens += admission.reserved_tokens - used_tokens
+        self.nano += admission.estimate_nano - cost_nano
+        self.free_slots += 1
+        self.in_flight -= 1
+        if self.closing and self.in_flight == 0:
+            self.give_back()
+
+    def check(self) -> None:
+        """The lease's timer: close it when idle or old."""
+        now, limit_s, idle_s = time.monotonic(), settings.GATEWAY["LEASE_SECONDS"], _lease_idle_s()
+        if now - self.last_used >= idle_s or now - self.granted_at >= limit_s:
+            self.close()
+        elif not self.closing:
+            self.timer = self.batcher.loop.call_later(idle_s, self.check)
+
+    def close(self) -> None:
+        """Admit nothing more from it; give back what it holds once its requests have settled."""
+        if self.closing:
+            return
+        self.closing = True
+        self.timer.cancel()
+        if self.batcher.leases.get(id(self.plan)) is self:
+            del self.batcher.leases[id(self.plan)]
+        if self.in_flight == 0:
+            self.give_back()
+
+    def give_back(self) -> asyncio.Future | None:
+        if self.returned:
+            return None
+        self.returned = True
+        values = pack_args((self.lease_id, self.slots, self.requests, self.tokens, self.nano))
+        done = self.batcher.submit(_operation((self.plan, RETURN, values, 5)), True, None)
+        self.batcher.returning[self] = done
+        done.add_done_callback(self._returned)
+        return done
+
+    def _returned(self, done: asyncio.Future) -> None:
+        self.batcher.returning.pop(self, None)
+        if done.cancelled() or done.exception() is not None:
+            log.warning("could not give a lease back; its room returns as the limits refill and its slots expire",
+                        extra={"lease_id": self.lease_id})
+
+
+def _lease_idle_s() -> float:
+    return settings.GATEWAY["LEASE_SECONDS"] / 10
+
+
+async def give_back_leases() -> None:
+    """Close this loop's leases and wait until Redis has what they held (graceful shutdown;
+    settle the requests in flight first)."""
+    batcher = _batchers.get(asyncio.get_running_loop())
+    if batcher is None:
+        return
+    for lease in list(batcher.leases.values()):
+        lease.close()
+    if batcher.returning:
+        batcher.flush()
+        await asyncio.wait(list(batcher.returning.values()), timeout=5)
 
 
 def submit(operation: Operation, defer: bool = False,
@@ -382,16 +590,22 @@ def submit(operation: Operation, defer: bool = False,
     to Redis before this returns, with whatever else is queued, even while a call is in
     flight. `abandoned(reply)` is called with the reply when the future was cancelled before
     it came (its caller is gone, but Redis ran the operation)."""
+    batcher = _batcher()
+    waiter = batcher.submit(operation, defer, abandoned)
+    if at_once:
+        batcher.flush()
+    return waiter
+
+
+def _batcher() -> _Batcher:
+    """This event loop's batcher."""
     loop = asyncio.get_running_loop()
     batcher = _batchers.get(loop)
     if batcher is None:
         for old in [old for old in _batchers if old.is_closed()]:
             del _batchers[old]
         batcher = _batchers[loop] = _Batcher(loop)
-    waiter = batcher.submit(operation, defer, abandoned)
-    if at_once:
-        batcher.flush()
-    return waiter
+    return batcher
 
 
 _Queued = tuple[Operation, asyncio.Future, Callable[[list], None] | None]
@@ -406,7 +620,8 @@ class _Batcher:
     iteration, as before; a busy one sends one call per round trip instead of one per request,
     which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
 
-    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight", "overdue", "known")
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight", "overdue", "known", "leases", "leasing",
+                 "returning")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -417,10 +632,54 @@ class _Batcher:
         self.inflight = 0  # calls sent, not answered
         self.overdue = False  # deferred settlements are due, a call being in flight
         self.known: set[str] = set()  # the plans sent in full (Redis keeps them): sent by name
+        self.leases: dict[int, Lease] = {}  # by id(plan): the lease this loop admits from
+        self.leasing: dict[int, float] = {}  # by id(plan): when an admission asking for a lease left
+        self.returning: dict[Lease, asyncio.Future] = {}  # leases given back, Redis not yet answered
+
+    def lease_wanted(self, plan: _Plan) -> int:
+        """The units of lease an admission for this plan should ask for: none while another
+        admission's request for one is on its way (for a second at most)."""
+        units = settings.GATEWAY["LEASE_UNITS"]
+        if units <= 0:
+            return 0
+        now = time.monotonic()
+        asked = self.leasing.get(id(plan))
+        if asked is not None and now - asked < 1.0:
+            return 0
+        self.leasing[id(plan)] = now
+        return units
+
+    def renew(self, plan: _Plan, admission: Admission, slots: int) -> bool:
+        """Ask for a lease alone (lua/limits.lua's 'l') for requests like this one, unless one is
+        on its way: it replaces the plan's current lease when it comes."""
+        want = self.lease_wanted(plan)
+        if not want:
+            return False
+        lease_id = _lease_id()
+        values = pack_args((lease_id, admission.reserved_tokens, admission.estimate_nano, want, slots))
+        tokens, estimate = admission.reserved_tokens, admission.estimate_nano
+
+        def came(reply: asyncio.Future) -> None:
+            self.leasing.pop(id(plan), None)
+            if reply.cancelled() or reply.exception() is not None:
+                return  # the next request that does not fit asks again
+            result = reply.result()
+            if result[-2] > 0:
+                self.granted(Lease(self, plan, lease_id, result[-2], result[-1], tokens, estimate, result))
+
+        self.submit(_operation((plan, LEASE, values, 5)), False, None).add_done_callback(came)
+        return True
+
+    def granted(self, lease: Lease) -> None:
+        old = self.leases.get(id(lease.plan))
+        if old is not None:
+            lease.count_in(old)
+            old.close()
+        self.leases[id(lease.plan)] = lease
 
     def submit(self, operation: Operation, defer: bool, abandoned: Callable[[list], None] | None) -> asyncio.Future:
         waiter = self.loop.create_future()
-        (self.settles if operation.settles else self.admits).append((operation, waiter, abandoned))
+        (self.settles if operation.kind & 1 else self.admits).append((operation, waiter, abandoned))
         if not defer:
             if not self.soon and self.inflight == 0:
                 self.soon = True
@@ -517,7 +776,7 @@ _batchers: dict[asyncio.AbstractEventLoop, _Batcher] = {}
 MAX_CALL_OPERATIONS = 64  # per script call: ~1-2 ms of Redis time at most, then other clients' turn
 MAX_KNOWN_PLANS = 10_000  # the library's MAX_PLANS: past it, plans are spelled out again
 _HEADS = [[b""] + [pack_args((kind, i)) for i in range(1, MAX_CALL_OPERATIONS + 1)]
-          for kind in "as"]  # [settles][plan index]: the kind and the plan's index, packed
+          for kind in _KIND_LETTERS]  # [kind][plan index]: the kind and the plan's index, packed
 
 
 def _call(batch: list[_Queued], known: set[str], spell_out: bool = False) -> bytes:
@@ -543,7 +802,7 @@ def _call(batch: list[_Queued], known: set[str], spell_out: bool = False) -> byt
                 plans.append(plan.full)
                 n_args += plan.n_full
                 known.add(plan.name)
-        operations.append(heads[operation.settles][i])  # a call has at most MAX_CALL_OPERATIONS plans
+        operations.append(heads[operation.kind][i])  # a call has at most MAX_CALL_OPERATIONS plans
         operations.append(operation.values)
         n_args += 2 + operation.n_values
     keys.append(_streams())
@@ -584,10 +843,15 @@ async def refresh_slots(admissions: list[Admission]) -> None:
     """Keep long calls' concurrency slots alive (slots expire so dead workers free them)."""
     ttl_ms = int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000)
     expiry = int(time.time() * 1000) + ttl_ms
-    commands, keys = [], set()
+    commands, keys, leases = [], set(), set()
     for admission in admissions:
+        if admission.lease is not None:  # its lease's slots, once
+            if admission.lease in leases:
+                continue
+            leases.add(admission.lease)
+        pairs = [value for member in admission.slot_members for value in (expiry, member)]
         for key in admission.slot_keys:
-            commands.append(("ZADD", key, "XX", expiry, admission.request_id))
+            commands.append(("ZADD", key, "XX", *pairs))
             keys.add(key)
     commands += [("PEXPIRE", key, ttl_ms + 60_000) for key in keys]  # once per set, not per call in it
     raise_errors(await get_resp().execute_many(commands))

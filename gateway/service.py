@@ -450,7 +450,9 @@ class ChatCall:
                                         "completion_tokens", "stream", "partial")},
         )
         settled = None
-        if self.admission is not None:
+        if self.admission is not None and self.admission.lease is not None:
+            limits.settle_locally(self.admission, usage.total_tokens, cost)  # the row: recorded as it is
+        elif self.admission is not None:
             try:
                 settled = limits.submit(limits.settle_operation(self.admission, usage.total_tokens, cost, row),
                                         defer=not at_once, at_once=at_once)

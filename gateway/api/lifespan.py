@@ -82,6 +82,9 @@ async def shutdown() -> None:
     from ..service import drain_settling
 
     await drain_settling()
+    from ..limits import give_back_leases
+
+    await give_back_leases()
     from ..resilience import flush_successes_now
 
     await flush_successes_now()

@@ -24,6 +24,11 @@
 --     per budget: field (d|m), period label, cap (nano-dollars)
 -- then the operations, each one of:
 --   'a', plan, request id, tokens, estimated cost (nano-dollars)
+--   'L', plan, request id, tokens, estimated cost, lease units wanted, lease id, slots wanted:
+--        an admission that also asks for a lease (below)
+--   'l', plan, lease id, tokens, estimated cost, units wanted, slots wanted: a lease alone
+--   'r', plan, lease id, its slots (members), requests unused, tokens unused (negative charges more),
+--        nano-dollars unused (negative: spent beyond the lease): a lease given back
 --   's', plan, request id, tokens reserved - used (negative charges more),
 --        actual - estimated cost (nano-dollars), the usage row (JSON)
 -- Operations run in the order given (callers put settlements first, so that the tokens and
@@ -33,12 +38,23 @@
 -- bucket in order, then 1 when a limit that settlement gives back to (a slot set, a tokens
 -- bucket, a budget) now has room for fewer than two more requests like this one, else 0 (the
 -- caller then settles this request before its answer goes out);
--- a settlement's number of budget alerts raised.
+-- a settlement's number of budget alerts raised; an 'L' admission's reply ends with the units
+-- of lease granted (0 or more) and its slots after the crowded flag, and an 'l' replies as one (its buckets'
+-- remaining before the lease, crowded 0); a return answers its alerts raised.
+-- A lease is capacity taken from every limit of the plan at once, for `units` more requests
+-- shaped like the admitting one (per unit: one request from each requests bucket, its tokens
+-- from each tokens bucket, its estimate from each budget; and up to the slots asked for, held
+-- as members <lease id>~<i>, where the plan limits concurrency), which the process then admits on its own without a round
+-- trip, and gives back unused. It is granted only far from every limit (each keeps at least half its room
+-- after it, and the lease takes at most 1/LEASE_SHARE of a bucket or slot set, a quarter of
+-- that of a budget), so that no limit is ever exceeded and the room held out of sight of other
+-- processes stays small and short-lived. Fewer than LEASE_MIN units: none.
 -- While a library loads, it sees no globals but `redis`: the builtins it keeps as locals are
 -- taken at its first call.
 local function builtins() return redis.call, tonumber, math.floor, math.ceil, unpack end
 local call, tonumber, floor, ceil, unpack
 local THRESHOLDS = {80, 100}
+local LEASE_SHARE, LEASE_MIN = 64, 4
 local MAX_PLANS = 10000
 local plans_by_name, n_plans_kept = {}, 0
 
@@ -125,7 +141,108 @@ local function parse_plan(K, k, A, a)
   return plan
 end
 
-local function admit(plan, rid, tokens, estimate)
+-- The units of lease (for requests of `tokens` and `estimate`) every limit can spare, given
+-- `levels` (each bucket's, in order) and `spends` (each budget's spend, in order); 0 below
+-- LEASE_MIN; and the slots (up to `slots`) every slot limit can spare.
+local function lease_room(plan, want, tokens, estimate, levels, spends, slots)
+  local units, nl, ns = want, 0, 0
+  for s = 1, plan.n_scopes do
+    local scope = plan.scopes[s]
+    for i = 1, scope.nb do
+      local b = scope.buckets[i]
+      nl = nl + 1
+      local cost = b.tokens and tokens or 1
+      if cost > 0 then
+        local room = math.min(levels[nl] - b.cap / 2, b.cap / LEASE_SHARE)
+        if room < units * cost then units = floor(room / cost) end
+      end
+    end
+    if scope.slot_limit > 0 then
+      local room = floor(math.min(scope.slot_limit / 2 - slotsets[scope.slots].n, scope.slot_limit / LEASE_SHARE))
+      if room < slots then slots = room end
+      if slots < 1 then units = 0 end
+    end
+    for i = 1, scope.nm do
+      local m = scope.budgets[i]
+      ns = ns + 1
+      if estimate > 0 then
+        local room = math.min(m.cap / 2 - spends[ns], m.cap / (4 * LEASE_SHARE))
+        if room < units * estimate then units = floor(room / estimate) end
+      end
+    end
+  end
+  if units < LEASE_MIN then return 0, 0 end
+  return units, slots
+end
+
+-- Take `units` of lease (id `lid`) for requests of `tokens` and `estimate`, and `slots`, from
+-- every limit of the plan, `levels` and `spends` being what they are before it.
+local function take_lease(plan, lid, units, tokens, estimate, levels, spends, slots)
+  local nl, ns = 0, 0
+  for s = 1, plan.n_scopes do
+    local scope = plan.scopes[s]
+    local h = hashes[scope.hash]
+    local f, dirty = h.f, h.dirty
+    for i = 1, scope.nb do
+      local b = scope.buckets[i]
+      nl = nl + 1
+      f[b.f], f[b.ts] = levels[nl] - units * (b.tokens and tokens or 1), now
+      dirty[b.f], dirty[b.ts] = true, true
+    end
+    for i = 1, scope.nm do
+      local m = scope.budgets[i]
+      ns = ns + 1
+      if f[m.p] ~= m.period then
+        f[m.p], f[m.al] = m.period, 0
+        dirty[m.p], dirty[m.al] = true, true
+      end
+      f[m.f] = spends[ns] + units * estimate
+      dirty[m.f] = true
+    end
+    if scope.nb + scope.nm > 0 and h.ttl < scope.ttl then h.ttl = scope.ttl end
+    if scope.slot_limit > 0 then
+      local z = slotsets[scope.slots]
+      local add, expiry = z.add, now + plan.slot_ttl
+      for j = 1, slots do
+        add[#add + 1] = expiry
+        add[#add + 1] = lid .. '~' .. j
+      end
+      z.n = z.n + slots
+      if z.ttl < plan.slot_ttl + 60000 then z.ttl = plan.slot_ttl + 60000 end
+    end
+  end
+end
+
+-- A lease alone ('l'), for requests of `tokens` and `estimate`: replies as an admission that
+-- asked for one would, its buckets' remaining being before the lease.
+local function lease_only(plan, lid, tokens, estimate, want, slots)
+  local out, n_out, levels, spends = {1}, 1, {}, {}
+  for s = 1, plan.n_scopes do
+    local scope = plan.scopes[s]
+    local f = hash(scope.hash).f
+    for i = 1, scope.nb do
+      local b = scope.buckets[i]
+      local level = level_of(f, b)
+      levels[#levels + 1] = level
+      out[n_out + 1] = floor(level)
+      out[n_out + 2] = ceil((b.cap - level) / b.rate)
+      n_out = n_out + 2
+    end
+    if scope.slot_limit > 0 then slot_count(slotset(scope.slots)) end
+    for i = 1, scope.nm do
+      local m = scope.budgets[i]
+      local spent = 0
+      if f[m.p] == m.period then spent = tonumber(f[m.f]) or 0 end
+      spends[#spends + 1] = spent
+    end
+  end
+  local units, granted = lease_room(plan, want, tokens, estimate, levels, spends, slots)
+  if units > 0 then take_lease(plan, lid, units, tokens, estimate, levels, spends, granted) end
+  out[n_out + 1], out[n_out + 2], out[n_out + 3] = 0, units, granted
+  return out
+end
+
+local function admit(plan, rid, tokens, estimate, want, lid, slots)
   local index, out, n_out = 0, {1}, 1
   local levels, spends, crowded = {}, {}, 0
   -- Check every limit first; nothing is reserved unless all of them allow it.
@@ -205,10 +322,38 @@ local function admit(plan, rid, tokens, estimate)
     end
   end
   out[n_out + 1] = crowded
+  if want ~= nil then
+    local units, granted = 0, 0
+    if crowded == 0 and want > 0 then units, granted = lease_room(plan, want, tokens, estimate, levels, spends, slots) end
+    if units > 0 then take_lease(plan, lid, units, tokens, estimate, levels, spends, granted) end
+    out[n_out + 2], out[n_out + 3] = units, granted
+  end
   return out
 end
 
-local function settle(plan, rid, refund, delta, row)
+-- The 80% and 100% alerts of budget m (scope's, hash fields f) that `spent` crosses, each
+-- once per period: how many were raised.
+local function raise_alerts(plan, scope, m, f, dirty, spent, rid)
+  local raised, alerts = tonumber(f[m.al]) or 0, 0
+  for j = 1, 2 do
+    local pct = THRESHOLDS[j]
+    if raised < pct and spent * 100 >= m.cap * pct then
+      raised = pct
+      call('XADD', alert_stream, '*', 'tenant_id', plan.tenant, 'scope', scope.label,
+        'key_id', scope.label == 'key' and plan.key or '', 'period', m.period,
+        'threshold', pct, 'spent_nano', string.format('%d', spent), 'cap_nano', m.cap_text, 'request_id', rid)
+      alerts = alerts + 1
+      f[m.al] = pct
+      dirty[m.al] = true
+    end
+  end
+  return alerts
+end
+
+-- A request's settlement (`row` its usage row), or a lease given back (`rid` the lease id,
+-- `lease_units` its slot members, `refund` per bucket: `requests` unused from requests buckets,
+-- tokens from tokens buckets; no row).
+local function settle(plan, rid, refund, delta, row, lease_units, requests)
   local alerts = 0
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
@@ -216,11 +361,13 @@ local function settle(plan, rid, refund, delta, row)
       local h = hash(scope.hash)
       local f, dirty = h.f, h.dirty
       local wrote = false
-      if refund ~= 0 then
+      if refund ~= 0 or (requests or 0) ~= 0 then
         for i = 1, scope.nb do
           local b = scope.buckets[i]
-          if b.tokens then
-            local level = level_of(f, b) + refund
+          local back = refund
+          if not b.tokens then back = requests or 0 end
+          if back ~= 0 then
+            local level = level_of(f, b) + back
             if level > b.cap then level = b.cap end
             f[b.f], f[b.ts] = level, now
             dirty[b.f], dirty[b.ts] = true, true
@@ -238,19 +385,10 @@ local function settle(plan, rid, refund, delta, row)
             dirty[m.f] = true
             wrote = true
           end
-          local raised = tonumber(f[m.al]) or 0
-          for j = 1, 2 do
-            local pct = THRESHOLDS[j]
-            if raised < pct and spent * 100 >= m.cap * pct then
-              raised = pct
-              call('XADD', alert_stream, '*', 'tenant_id', plan.tenant, 'scope', scope.label,
-                'key_id', scope.label == 'key' and plan.key or '', 'period', m.period,
-                'threshold', pct, 'spent_nano', string.format('%d', spent), 'cap_nano', m.cap_text, 'request_id', rid)
-              alerts = alerts + 1
-              f[m.al] = pct
-              dirty[m.al] = true
-              wrote = true
-            end
+          local raised = raise_alerts(plan, scope, m, f, dirty, spent, rid)
+          if raised > 0 then
+            alerts = alerts + raised
+            wrote = true
           end
         end
       end
@@ -259,10 +397,14 @@ local function settle(plan, rid, refund, delta, row)
     if scope.slot_limit > 0 then
       local z = slotset(scope.slots)
       if #z.add > 0 then send_slots(z) end  -- admitted earlier in this call: its ZADD goes first
-      z.rem[#z.rem + 1] = rid
+      if lease_units == nil then
+        z.rem[#z.rem + 1] = rid
+      else
+        for j = 1, lease_units do z.rem[#z.rem + 1] = rid .. '~' .. j end
+      end
     end
   end
-  call('XADD', usage_stream, '*', 'row', row)
+  if row ~= nil then call('XADD', usage_stream, '*', 'row', row) end
   return alerts
 end
 
@@ -305,12 +447,25 @@ local function run(K, A)
   while a <= n_args do
     local plan = plans[tonumber(A[a + 1])]
     n_replies = n_replies + 1
-    if A[a] == 'a' then
+    local kind = A[a]
+    if kind == 'a' then
       replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
       a = a + 5
-    else
+    elseif kind == 's' then
       replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
       a = a + 6
+    elseif kind == 'L' then
+      replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
+                                        tonumber(A[a + 5]), A[a + 6], tonumber(A[a + 7])))
+      a = a + 8
+    elseif kind == 'l' then
+      replies[n_replies] = answer(pcall(lease_only, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
+                                        tonumber(A[a + 5]), tonumber(A[a + 6])))
+      a = a + 7
+    else  -- 'r': lease id, slots, requests, tokens, nano-dollars unused (spend moves by minus that)
+      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 5]), -tonumber(A[a + 6]), nil,
+                                        tonumber(A[a + 3]), tonumber(A[a + 4])))
+      a = a + 7
     end
   end
 
