@@ -11,7 +11,6 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from django.conf import settings
 
 from gateway import limits
 from gateway.api.errors import GatewayError
