@@ -16,6 +16,11 @@ from llm_platform.redis import get_redis
 from tests.conftest import Server, drain_usage, usage_row
 
 
+# Far from every limit: requests are admitted from leases (README, "Leases").
+BIG = {"requests_per_minute": 100_000, "requests_per_hour": None, "tokens_per_minute": None, "max_concurrent": 1000,
+       "daily_budget_usd": None, "monthly_budget_usd": None}
+
+
 def chat(server, secret, model="local", content="hello", **extra):
     client = openai.OpenAI(base_url=server.base_url, api_key=secret, max_retries=extra.pop("max_retries", 0), timeout=30)
     return client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": content}], **extra)
@@ -276,6 +281,24 @@ def test_a_call_that_outlives_the_slot_ttl_keeps_its_slot(routes, tenants):
     assert get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc") == 0
 
 
+def test_a_process_serves_from_leases_and_gives_them_back_when_it_stops(routes, tenants):
+    tenant, _, secret = tenants.make(tier=BIG)
+    own = Server()
+    slot_set = f"gw:{{t{tenant.pk}}}:conc"
+    try:
+        answers = [chat(own, secret) for _ in range(10)]
+        held = get_redis().zrange(slot_set, 0, -1)
+    finally:
+        own.stop()  # SIGTERM: the lifespan's shutdown gives the leases back
+    remaining = [int(answer.headers["x-ratelimit-remaining-requests"]) for answer in answers]
+    assert remaining[0] == 99_999 and all(a > b for a, b in zip(remaining, remaining[1:], strict=False))
+    assert held and all(b"~" in member for member in held)  # a lease's slots, not requests'
+    assert get_redis().zcard(slot_set) == 0
+    drain_usage()
+    for answer in answers:  # every call settled into the lease still has its row
+        assert usage_row(answer.headers["x-request-id"]).http_status == 200
+
+
 def test_two_processes_admit_exactly_the_limit_out_of_a_burst(routes, server, tenants):
     n = 20
     _, _, secret = tenants.make(tier={"requests_per_minute": n, "requests_per_hour": None, "tokens_per_minute": None})
@@ -372,23 +395,32 @@ def test_repeated_bad_keys_from_one_address_get_429(routes):
         throttled.stop()
 
 
-@pytest.mark.parametrize("tier", [{}, {"max_concurrent": 1}], ids=["deferred-settlement", "settled-before-the-end"])
+@pytest.mark.parametrize("tier", [{}, {"max_concurrent": 1}, BIG],
+                         ids=["deferred-settlement", "settled-before-the-end", "admitted-from-a-lease"])
 def test_redis_outage_is_a_fast_503_and_recovers_without_losing_rows(routes, tenants, tmp_path, tier):
     """A private Redis for this server: stop it mid-stream, then bring it back on the same port.
     With a limit of one concurrent call, the stream's settlement is written before its end
-    (at once, not deferred): its row must survive the outage just the same."""
+    (at once, not deferred); far from every limit, the stream is admitted from the process's
+    lease and settled into it: its row must survive the outage just the same."""
     from django.conf import settings as django_settings
 
     from llm_platform.embedded import EmbeddedRedis
 
-    _, _, secret = tenants.make(tier=tier)
+    import redis as redis_lib
+
+    tenant, _, secret = tenants.make(tier=tier)
     store = EmbeddedRedis(tmp_path / "redis", persist=False)
     url = store.start()
     server = Server({"REDIS_URL": url})
     try:
         async def outage():
+            if tier is BIG:
+                await post_many([(server.base_url, secret)], {"model": "local", "messages": [{"role": "user", "content": "x"}]})
             stream = asyncio.ensure_future(slow_stream(server.base_url, secret))
             await asyncio.sleep(0.3)
+            if tier is BIG:  # the stream runs on the lease the first call took: only its slots are held
+                held = redis_lib.Redis.from_url(url).zrange(f"gw:{{t{tenant.pk}}}:conc", 0, -1)
+                assert held and all(b"~" in member for member in held)
             store.stop()
             return await stream
 
@@ -411,7 +443,6 @@ def test_redis_outage_is_a_fast_503_and_recovers_without_losing_rows(routes, ten
             except openai.APIStatusError:
                 assert time.monotonic() < deadline, "did not recover after Redis came back"
                 time.sleep(0.2)
-        import redis as redis_lib
 
         def buffered_ids():
             rows = redis_lib.Redis.from_url(url).xrange(django_settings.GATEWAY["USAGE_STREAM"])
