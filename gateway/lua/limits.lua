@@ -175,10 +175,13 @@ local function lease_room(plan, want, tokens, estimate, levels, spends, slots)
   return units, slots
 end
 
--- Take `units` of lease (id `lid`) for requests of `tokens` and `estimate`, and `slots`, from
--- every limit of the plan, `levels` and `spends` being what they are before it.
-local function take_lease(plan, lid, units, tokens, estimate, levels, spends, slots)
-  local nl, ns = 0, 0
+-- Reserve `units` requests of `tokens` and `estimate` from every limit of the plan: `levels`
+-- and `spends` (each bucket's level and each budget's spend, in order) are what they are before
+-- them, and become what they are after. The slots: one, member `member` (a request id), or with
+-- `slots`, that many, members <member>~1..slots (a lease's). Returns the least room any slot
+-- set has left (a large number without one).
+local function reserve(plan, units, tokens, estimate, levels, spends, member, slots)
+  local nl, ns, least = 0, 0, math.huge
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
     local h = hashes[scope.hash]
@@ -186,31 +189,40 @@ local function take_lease(plan, lid, units, tokens, estimate, levels, spends, sl
     for i = 1, scope.nb do
       local b = scope.buckets[i]
       nl = nl + 1
-      f[b.f], f[b.ts] = levels[nl] - units * (b.tokens and tokens or 1), now
+      levels[nl] = levels[nl] - units * (b.tokens and tokens or 1)
+      f[b.f], f[b.ts] = levels[nl], now
       dirty[b.f], dirty[b.ts] = true, true
     end
     for i = 1, scope.nm do
       local m = scope.budgets[i]
       ns = ns + 1
-      if f[m.p] ~= m.period then
+      if f[m.p] ~= m.period then  -- a new period: its spend and alerts start from nothing
         f[m.p], f[m.al] = m.period, 0
         dirty[m.p], dirty[m.al] = true, true
       end
-      f[m.f] = spends[ns] + units * estimate
+      spends[ns] = spends[ns] + units * estimate
+      f[m.f] = spends[ns]
       dirty[m.f] = true
     end
     if scope.nb + scope.nm > 0 and h.ttl < scope.ttl then h.ttl = scope.ttl end
     if scope.slot_limit > 0 then
       local z = slotsets[scope.slots]
       local add, expiry = z.add, now + plan.slot_ttl
-      for j = 1, slots do
-        add[#add + 1] = expiry
-        add[#add + 1] = lid .. '~' .. j
+      if slots == nil then
+        add[#add + 1], add[#add + 2] = expiry, member
+        z.n = z.n + 1
+      else
+        for j = 1, slots do
+          add[#add + 1] = expiry
+          add[#add + 1] = member .. '~' .. j
+        end
+        z.n = z.n + slots
       end
-      z.n = z.n + slots
       if z.ttl < plan.slot_ttl + 60000 then z.ttl = plan.slot_ttl + 60000 end
+      if scope.slot_limit - z.n < least then least = scope.slot_limit - z.n end
     end
   end
+  return least
 end
 
 -- A lease alone ('l'), for requests of `tokens` and `estimate`: replies as an admission that
@@ -237,7 +249,7 @@ local function lease_only(plan, lid, tokens, estimate, want, slots)
     end
   end
   local units, granted = lease_room(plan, want, tokens, estimate, levels, spends, slots)
-  if units > 0 then take_lease(plan, lid, units, tokens, estimate, levels, spends, granted) end
+  if units > 0 then reserve(plan, units, tokens, estimate, levels, spends, lid, granted) end
   out[n_out + 1], out[n_out + 2], out[n_out + 3] = 0, units, granted
   return out
 end
@@ -259,7 +271,7 @@ local function admit(plan, rid, tokens, estimate, want, lid, slots)
       end
       local left = level - cost
       if b.tokens and left < 2 * cost then crowded = 1 end  -- settlement refunds tokens
-      levels[#levels + 1] = left
+      levels[#levels + 1] = level
       out[n_out + 1] = floor(left)
       out[n_out + 2] = ceil((b.cap - left) / b.rate)
       n_out = n_out + 2
@@ -285,47 +297,16 @@ local function admit(plan, rid, tokens, estimate, want, lid, slots)
         return {0, index, (m.day and day_left or month_left) * 1000}
       end
       if m.cap - spent - estimate < 2 * estimate then crowded = 1 end  -- settlement corrects the estimate
-      spends[#spends + 1] = spent + estimate
+      spends[#spends + 1] = spent
     end
   end
-  -- Every limit allows it: reserve.
-  local nl, ns = 0, 0
-  for s = 1, plan.n_scopes do
-    local scope = plan.scopes[s]
-    local h = hashes[scope.hash]
-    local f, dirty = h.f, h.dirty
-    for i = 1, scope.nb do
-      local b = scope.buckets[i]
-      nl = nl + 1
-      f[b.f], f[b.ts] = levels[nl], now
-      dirty[b.f], dirty[b.ts] = true, true
-    end
-    for i = 1, scope.nm do
-      local m = scope.budgets[i]
-      ns = ns + 1
-      if f[m.p] ~= m.period then  -- a new period: its spend and alerts start from nothing
-        f[m.p], f[m.al] = m.period, 0
-        dirty[m.p], dirty[m.al] = true, true
-      end
-      f[m.f] = spends[ns]
-      dirty[m.f] = true
-    end
-    if scope.nb + scope.nm > 0 and h.ttl < scope.ttl then h.ttl = scope.ttl end
-    if scope.slot_limit > 0 then
-      local z = slotsets[scope.slots]
-      local add = z.add
-      add[#add + 1] = now + plan.slot_ttl
-      add[#add + 1] = rid
-      z.n = z.n + 1
-      if z.ttl < plan.slot_ttl + 60000 then z.ttl = plan.slot_ttl + 60000 end
-      if scope.slot_limit - z.n < 2 then crowded = 1 end
-    end
-  end
+  -- Every limit allows it: reserve (a slot set left with room for fewer than two more: crowded).
+  if reserve(plan, 1, tokens, estimate, levels, spends, rid) < 2 then crowded = 1 end
   out[n_out + 1] = crowded
   if want ~= nil then
     local units, granted = 0, 0
     if crowded == 0 and want > 0 then units, granted = lease_room(plan, want, tokens, estimate, levels, spends, slots) end
-    if units > 0 then take_lease(plan, lid, units, tokens, estimate, levels, spends, granted) end
+    if units > 0 then reserve(plan, units, tokens, estimate, levels, spends, lid, granted) end
     out[n_out + 2], out[n_out + 3] = units, granted
   end
   return out
