@@ -225,6 +225,8 @@ class _Plan:
     leasable: bool = False  # its requests limits and slot limits are large enough for a lease
     budgeted: bool = False  # it has a budget
 
+    header_buckets: list[tuple[int, Limit]] = field(default_factory=list)  # those that feed headers, and where
+
     # per header kind ("requests", "tokens"): its three header names, then the reply positions
     # (remaining, reset) and limit (as text) of the first bucket that feeds it, then those of
     # the others (a key with limits of its own), in the order the script reports buckets (bytes:
@@ -274,6 +276,7 @@ def _plan_for(principal: Principal) -> _Plan:
     for i, bucket in enumerate(buckets):
         if bucket.header:
             kinds.setdefault(bucket.header, []).append((2 * i + 1, b"%d" % bucket.limit))
+            plan.header_buckets.append((2 * i + 1, bucket))
     plan.header_kinds = [_HeaderKind(b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
                                      b"x-ratelimit-reset-" + kind.encode(), *candidates[0], tuple(candidates[1:]))
                          for kind, candidates in kinds.items()]
@@ -506,11 +509,11 @@ class Lease:
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """x-ratelimit-* as of the lease's grant, less what this process has taken since."""
-        values, snapshot = [1], self.snapshot
+        values = self.snapshot.copy()
         used_requests, used_tokens = self.units - self.requests, self.tokens_granted - self.tokens
-        for i, bucket in enumerate(self.plan.buckets):
-            remaining = snapshot[2 * i + 1] - (used_tokens if bucket.header == "tokens" else used_requests)
-            values += (remaining, math.ceil((bucket.limit - remaining) / bucket.rate_per_ms))
+        for at, bucket in self.plan.header_buckets:
+            values[at] = remaining = values[at] - (used_tokens if bucket.header == "tokens" else used_requests)
+            values[at + 1] = math.ceil((bucket.limit - remaining) / bucket.rate_per_ms)
         return _headers(self.plan.header_kinds, values)
 
     def count_in(self, old: Lease) -> None:
@@ -553,7 +556,8 @@ class Lease:
             return None
         self.returned = True
         values = pack_args((self.lease_id, self.slots, self.requests, self.tokens, self.nano))
-        done = self.batcher.submit(_operation((self.plan, RETURN, values, 5)), True, None)
+        # It rides with the next call (the next lease's, say), or goes alone once idle long enough.
+        done = self.batcher.submit(_operation((self.plan, RETURN, values, 5)), _lease_idle_s(), None)
         self.batcher.returning[self] = done
         done.add_done_callback(self._returned)
         return done
@@ -582,7 +586,7 @@ async def give_back_leases() -> None:
         await asyncio.wait(list(batcher.returning.values()), timeout=5)
 
 
-def submit(operation: Operation, defer: bool = False,
+def submit(operation: Operation, defer: bool | float = False,
            abandoned: Callable[[list], None] | None = None, at_once: bool = False) -> asyncio.Future:
     """Queue an operation for this loop's next call of lua/limits.lua; its reply as a future
     (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS for an
@@ -677,15 +681,22 @@ class _Batcher:
             old.close()
         self.leases[id(lease.plan)] = lease
 
-    def submit(self, operation: Operation, defer: bool, abandoned: Callable[[list], None] | None) -> asyncio.Future:
+    def submit(self, operation: Operation, defer: bool | float,
+               abandoned: Callable[[list], None] | None) -> asyncio.Future:
+        """`defer`: False, at the end of this loop iteration; True, within GW_REDIS_DEFER_MS;
+        a number, within that many seconds (with any call that leaves before)."""
         waiter = self.loop.create_future()
         (self.settles if operation.kind & 1 else self.admits).append((operation, waiter, abandoned))
-        if not defer:
+        if defer is False:
             if not self.soon and self.inflight == 0:
                 self.soon = True
                 self.loop.call_soon(self.flush)
-        elif not self.soon and self.later is None:
-            self.later = self.loop.call_later(settings.GATEWAY["REDIS_DEFER_MS"] / 1000, self.due)
+        elif not self.soon:
+            when = self.loop.time() + (settings.GATEWAY["REDIS_DEFER_MS"] / 1000 if defer is True else defer)
+            if self.later is None or self.later.when() > when:
+                if self.later is not None:
+                    self.later.cancel()
+                self.later = self.loop.call_at(when, self.due)
         return waiter
 
     def due(self) -> None:

@@ -168,7 +168,7 @@ GATEWAY = {
     "SLOT_TTL_SECONDS": env_float("GW_SLOT_TTL_SECONDS", 60.0),
     # Far from every limit, an admission also takes a lease of up to this many more requests like
     # it, which the process then admits without a round trip (0: every request goes to Redis).
-    "LEASE_UNITS": env_int("GW_LIMITS_LEASE_UNITS", 64),
+    "LEASE_UNITS": env_int("GW_LIMITS_LEASE_UNITS", 128),
     # A lease admits for at most this long (and is given back after a tenth of it idle).
     "LEASE_SECONDS": env_float("GW_LIMITS_LEASE_SECONDS", 1.0),
     # A version of a Redis function library (one per deploy) that no process has used for this
