@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform as host_platform
 from pathlib import Path
@@ -98,6 +99,19 @@ def log_problems(paths: list[Path], name: str) -> None:
         print(f"\n{name} logged {len(lines)} line(s) at WARNING or above; the first ones:")
         for line in lines[:5]:
             print(f"  {line[:300]}")
+            error = _exception_of(line)
+            if error:
+                print(f"    raised at {error}")
+
+
+def _exception_of(line: str) -> str:
+    """Where a JSON log line's exception was raised, and what it was: the traceback's last two lines."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return ""
+    trace = [part.strip() for part in str(record.get("exc") or "").splitlines() if part.strip()]
+    return " / ".join(trace[-2:])
 
 
 def warn_busy(results: list[Result], limit: float = 0.15) -> None:

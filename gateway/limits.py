@@ -624,7 +624,7 @@ class _Batcher:
     iteration, as before; a busy one sends one call per round trip instead of one per request,
     which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
 
-    __slots__ = ("loop", "settles", "admits", "soon", "later", "inflight", "overdue", "known", "leases", "leasing",
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "later_at", "inflight", "overdue", "known", "leases", "leasing",
                  "returning")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -632,7 +632,8 @@ class _Batcher:
         self.settles: list[_Queued] = []
         self.admits: list[_Queued] = []
         self.soon = False  # a call is due at the end of this loop iteration
-        self.later: asyncio.TimerHandle | None = None  # a call of deferred settlements is due
+        self.later: asyncio.Handle | None = None  # a call of deferred settlements is due …
+        self.later_at = 0.0  # … at this loop time
         self.inflight = 0  # calls sent, not answered
         self.overdue = False  # deferred settlements are due, a call being in flight
         self.known: set[str] = set()  # the plans sent in full (Redis keeps them): sent by name
@@ -693,10 +694,12 @@ class _Batcher:
                 self.loop.call_soon(self.flush)
         elif not self.soon:
             when = self.loop.time() + (settings.GATEWAY["REDIS_DEFER_MS"] / 1000 if defer is True else defer)
-            if self.later is None or self.later.when() > when:
+            if self.later is None or self.later_at > when:
                 if self.later is not None:
                     self.later.cancel()
-                self.later = self.loop.call_at(when, self.due)
+                # its own note of when: uvloop answers a delay under half a millisecond with a
+                # plain Handle, which has no when()
+                self.later, self.later_at = self.loop.call_at(when, self.due), when
         return waiter
 
     def due(self) -> None:

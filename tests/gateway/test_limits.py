@@ -15,7 +15,6 @@ import pytest
 from llm_platform.redis import get_redis
 from tests.conftest import Server, drain_usage, usage_row
 
-
 # Far from every limit: requests are admitted from leases (README, "Leases").
 BIG = {"requests_per_minute": 100_000, "requests_per_hour": None, "tokens_per_minute": None, "max_concurrent": 1000,
        "daily_budget_usd": None, "monthly_budget_usd": None}
@@ -402,11 +401,10 @@ def test_redis_outage_is_a_fast_503_and_recovers_without_losing_rows(routes, ten
     With a limit of one concurrent call, the stream's settlement is written before its end
     (at once, not deferred); far from every limit, the stream is admitted from the process's
     lease and settled into it: its row must survive the outage just the same."""
+    import redis as redis_lib
     from django.conf import settings as django_settings
 
     from llm_platform.embedded import EmbeddedRedis
-
-    import redis as redis_lib
 
     tenant, _, secret = tenants.make(tier=tier)
     store = EmbeddedRedis(tmp_path / "redis", persist=False)

@@ -215,6 +215,23 @@ def test_a_settlement_alone_is_sent_after_the_deferral(tenants, calls):
     assert [r["request_id"] for r in rows].count(request_id) == 1
 
 
+def test_operations_deferred_for_different_times_go_at_the_soonest_under_uvloop(tenants):
+    """uvloop answers a delay under half a millisecond with a plain Handle (no when()): a
+    settlement deferred behind one must still be queued, not fail."""
+    import uvloop
+
+    who = principal(tenants, requests_per_minute=100)
+
+    async def scenario():
+        first, second = await admit_together(who, [1, 1])
+        row = {"request_id": "r"}
+        soon = limits.submit(limits.settle_operation(first, 1, Decimal("0.000001"), row), defer=0.0001)
+        later = limits.submit(limits.settle_operation(second, 1, Decimal("0.000001"), row), defer=True)
+        return await asyncio.wait_for(asyncio.gather(soon, later), 2)
+
+    assert uvloop.run(scenario()) == [0, 0]  # both settled (no budget alerts)
+
+
 def test_when_redis_is_away_every_operation_of_the_call_fails_as_unavailable(tenants, monkeypatch):
     who = principal(tenants, requests_per_minute=10)
     with socket.socket() as sock:
