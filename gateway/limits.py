@@ -209,7 +209,7 @@ class _Plan:
     immutable). A call carries each plan once, however many of its requests it admits or
     settles; an operation carries only its request's own values."""
 
-    principal: Principal  # held so that id() stays this principal's while cached
+    principal: Principal  # the last principal object it served (equal to every one it serves)
     until: float  # the end of the UTC day its budget periods name (epoch seconds)
     scopes: list[Scope]
     ordered: list[Limit]  # every limit in the script's refusal-index order
@@ -243,13 +243,20 @@ class _HeaderKind(NamedTuple):
     others: tuple[tuple[int, bytes], ...]  # (remaining_at, limit) of the other buckets
 
 
-_plans: dict[int, _Plan] = {}
+_plans: dict[int, _Plan] = {}  # by key id
 
 
 def _plan_for(principal: Principal) -> _Plan:
-    plan = _plans.get(id(principal))
-    if plan is not None and plan.principal is principal and time.time() < plan.until:
-        return plan
+    """The principal's plan: one per key while its limits stay the same. Equal principals (the
+    key looked up again when the process's cache expired, or by requests racing on a cold cache)
+    share it, and so share its lease; a changed limit makes a new one."""
+    plan = _plans.get(principal.key_id)
+    if plan is not None and time.time() < plan.until:
+        if plan.principal is principal:
+            return plan
+        if plan.principal == principal:
+            plan.principal = principal  # the next ones come with this object: found at once
+            return plan
     now = time.time()
     scopes = _scopes_for(principal, period_ends(datetime.fromtimestamp(now, UTC)))
     ordered, buckets, keys = [], [], []
@@ -288,7 +295,7 @@ def _plan_for(principal: Principal) -> _Plan:
         plan.short = pack_args((plan.name, 0))
     if len(_plans) > 10_000:
         _plans.clear()
-    _plans[id(principal)] = plan
+    _plans[principal.key_id] = plan
     return plan
 
 

@@ -315,6 +315,36 @@ def test_two_processes_admit_exactly_the_limit_out_of_a_burst(routes, server, te
     assert n <= admitted <= n + refilled, (admitted, elapsed)
 
 
+def test_two_processes_serving_from_leases_admit_no_more_than_the_limit_and_lose_none(routes, server, tenants):
+    """A limit large enough for leases (N/64 = 16 requests each): a burst of 3N spread over two
+    servers admits at most N (plus the refill); once their leases are back (one server stops,
+    the other's goes idle), sequential calls take what is left, to N in all."""
+    n = 1024
+    _, _, secret = tenants.make(tier={**BIG, "requests_per_minute": n, "max_concurrent": None})
+    other = Server()
+    body = {"model": "local", "messages": [{"role": "user", "content": "x"}]}
+    started = time.monotonic()
+    try:
+        results = asyncio.run(post_many([(server.base_url if i % 2 else other.base_url, secret)
+                                         for i in range(3 * n)], body))
+        leased = sum(int(headers.get("x-ratelimit-remaining-requests", -1)) > n // 2 for _, headers in results)
+    finally:
+        other.stop()  # SIGTERM: gives its lease back
+    time.sleep(0.3)  # the other server's lease, idle: given back too
+    more = 0
+    while True:
+        try:
+            chat(server, secret)
+        except openai.RateLimitError:
+            break
+        more += 1
+    refilled = (time.monotonic() - started) * n / 60
+    burst = sum(status == 200 for status, _ in results)
+    assert {status for status, _ in results} <= {200, 429}
+    assert leased > n // 4  # the first half of the bucket went mostly to leases
+    assert burst <= n + refilled and n <= burst + more <= n + refilled + 1, (burst, more, refilled)
+
+
 def test_daily_budget_refuses_with_insufficient_quota_and_alerts_once(server, tenants, fakes_reset):
     from billing.models import BudgetAlert
 

@@ -383,14 +383,20 @@ def test_a_slot_set_outlives_its_newest_slot_and_its_expiry_is_pushed_rarely(ten
 
 
 def test_two_plans_of_one_tenant_in_one_call_share_its_buckets(tenants, calls):
-    """Two principal objects of one key (an auth cache filled twice, say) are two plans in the
-    call; the tenant's hash is still one state: each admission sees the others'."""
-    who = principal(tenants, requests_per_minute=4)
+    """Two keys of one tenant are two plans in the call; the tenant's hash is still one state:
+    each admission sees the others'. Two principal objects of one key (its cache filled twice,
+    say) share one plan."""
+    from tenants.models import ApiKey
+
+    tenant, key, _ = tenants.make(tier={"requests_per_minute": 4})
+    other, _ = ApiKey.issue(tenant)
+    who, second = Principal.from_key(key), Principal.from_key(other)
     twin = Principal(**{f.name: getattr(who, f.name) for f in dataclasses.fields(who)})
-    assert twin is not who and limits._plan_for(twin) is not limits._plan_for(who)
+    assert twin is not who and limits._plan_for(twin) is limits._plan_for(who)
+    assert limits._plan_for(second) is not limits._plan_for(who)
 
     async def scenario():
-        prepared = [limits.prepare_admission(p, f"req-{uuid.uuid4().hex}", 1, 0) for p in (who, twin) * 3]
+        prepared = [limits.prepare_admission(p, f"req-{uuid.uuid4().hex}", 1, 0) for p in (who, second) * 3]
         replies = await asyncio.gather(*(limits.submit(operation) for _, operation in prepared))
         return [outcome(admission, reply) for (admission, _), reply in zip(prepared, replies, strict=True)]
 
