@@ -596,8 +596,9 @@ async def give_back_leases() -> None:
 def submit(operation: Operation, defer: bool | float = False,
            abandoned: Callable[[list], None] | None = None, at_once: bool = False) -> asyncio.Future:
     """Queue an operation for this loop's next call of lua/limits.lua; its reply as a future
-    (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS for an
-    admission to ride with (settlements: no client waits for them). `at_once`: it is written
+    (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS (or, a
+    number, that many seconds) for an admission to ride with (settlements and leases given
+    back: no client waits for them). `at_once`: it is written
     to Redis before this returns, with whatever else is queued, even while a call is in
     flight. `abandoned(reply)` is called with the reply when the future was cancelled before
     it came (its caller is gone, but Redis ran the operation)."""
