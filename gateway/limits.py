@@ -213,7 +213,6 @@ class _Plan:
     until: float  # the end of the UTC day its budget periods name (epoch seconds)
     scopes: list[Scope]
     ordered: list[Limit]  # every limit in the script's refusal-index order
-    buckets: list[Limit]  # every bucket, in the order the script reports them
     token_capacity: int | None  # the smallest tokens-per-minute bucket
     slot_keys: list[str]
     keys: bytes = b""  # per scope: hash, slot set (packed)
@@ -272,8 +271,7 @@ def _plan_for(principal: Principal) -> _Plan:
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
     capacities = [b.limit for b in buckets if b.header == "tokens"]
-    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, ordered, buckets,
-                 min(capacities) if capacities else None, [scope.slot_key for scope in scopes if scope.slot_limit])
+    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, ordered, min(capacities) if capacities else None, [scope.slot_key for scope in scopes if scope.slot_limit])
     least = LEASE_SHARE * LEASE_MIN  # below this, the script would never grant one: not asked
     plan.leasable = (all(b.limit >= least for b in buckets if b.header != "tokens")
                      and all(scope.slot_limit == 0 or scope.slot_limit >= least for scope in scopes))
@@ -393,15 +391,12 @@ def _bulk4(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
 def finish_admission(admission: Admission, result) -> Admission:
     """Turn the admission's reply into headers, or raise the refusal (503 if Redis failed)."""
     if admission.lease_wanted:
-        _batcher().leasing.pop(id(admission.plan), None)
+        _batcher().lease_came(admission.plan, admission.lease_id, admission.reserved_tokens, admission.estimate_nano,
+                              result)
     if isinstance(result, Exception):
         raise unavailable() from None
-    if admission.lease_wanted and result[0] == 1:  # its last values: the lease granted (units, slots)
-        if result[-2] > 0:
-            batcher = _batcher()
-            batcher.granted(Lease(batcher, admission.plan, admission.lease_id, result[-2], result[-1],
-                                  admission.reserved_tokens, admission.estimate_nano, result))
-        result = result[:-2]  # the crowded flag last, as for any admission
+    if admission.lease_wanted and result[0] == 1:
+        result = result[:-2]  # without the lease's units and slots: the crowded flag last, as for any admission
     if result[0] == 0:
         raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
     admission.header_pairs = _headers(admission.plan.header_kinds, result)
@@ -462,7 +457,7 @@ class Lease:
     expire (GW_SLOT_TTL_SECONDS) and, for budgets, the period ends: at most 1/256 of a budget."""
 
     __slots__ = ("batcher", "plan", "lease_id", "units", "slots", "requests", "tokens", "nano", "free_slots",
-                 "in_flight", "tokens_granted", "snapshot", "granted_at", "last_used", "closing", "timer",
+                 "in_flight", "tokens_granted", "snapshot", "last_used", "ends", "idle_s", "closing", "timer",
                  "returned", "renewing", "_members")
 
     def __init__(self, batcher: _Batcher, plan: _Plan, lease_id: str, units: int, slots: int, tokens: int,
@@ -476,9 +471,11 @@ class Lease:
         self.renewing = False  # the next lease was asked for
         self.in_flight = 0
         self.snapshot = reply  # the admitting request's reply: each bucket's remaining, as of then
-        self.granted_at = self.last_used = time.monotonic()
+        self.last_used = time.monotonic()
+        self.ends = self.last_used + settings.GATEWAY["LEASE_SECONDS"]  # it admits nothing after this
+        self.idle_s = settings.GATEWAY["LEASE_SECONDS"] / 10  # nor after this long unused
         self.closing = self.returned = False
-        self.timer = batcher.loop.call_later(_lease_idle_s(), self.check)
+        self.timer = batcher.loop.call_later(self.idle_s, self.check)
         self._members: tuple[str, ...] = ()
 
     def members(self) -> tuple[str, ...]:
@@ -489,7 +486,7 @@ class Lease:
     def admit(self, admission: Admission) -> bool:
         """Admit this request from the lease, if it fits and the lease is still fresh."""
         now = time.monotonic()
-        if (self.requests < 1 or self.free_slots < 1 or now - self.granted_at > settings.GATEWAY["LEASE_SECONDS"]
+        if (self.requests < 1 or self.free_slots < 1 or now > self.ends
                 or (self.plan.token_capacity is not None and self.tokens < admission.reserved_tokens)
                 or (self.plan.budgeted and self.nano < admission.estimate_nano)):
             self.close()
@@ -527,8 +524,8 @@ class Lease:
         """Its headers also count what `old`, which it replaces, has not used: that goes back
         to the buckets, which its own snapshot, taken while `old` held it, did not show."""
         snapshot = list(self.snapshot)
-        for i, bucket in enumerate(self.plan.buckets):
-            snapshot[2 * i + 1] += old.tokens if bucket.header == "tokens" else old.requests
+        for at, bucket in self.plan.header_buckets:
+            snapshot[at] += old.tokens if bucket.header == "tokens" else old.requests
         self.snapshot = snapshot
 
     def settle(self, admission: Admission, used_tokens: int, cost_nano: int) -> None:
@@ -541,11 +538,11 @@ class Lease:
 
     def check(self) -> None:
         """The lease's timer: close it when idle or old."""
-        now, limit_s, idle_s = time.monotonic(), settings.GATEWAY["LEASE_SECONDS"], _lease_idle_s()
-        if now - self.last_used >= idle_s or now - self.granted_at >= limit_s:
+        now = time.monotonic()
+        if now - self.last_used >= self.idle_s or now >= self.ends:
             self.close()
         elif not self.closing:
-            self.timer = self.batcher.loop.call_later(idle_s, self.check)
+            self.timer = self.batcher.loop.call_later(self.idle_s, self.check)
 
     def close(self) -> None:
         """Admit nothing more from it; give back what it holds once its requests have settled."""
@@ -558,26 +555,21 @@ class Lease:
         if self.in_flight == 0:
             self.give_back()
 
-    def give_back(self) -> asyncio.Future | None:
+    def give_back(self) -> None:
         if self.returned:
-            return None
+            return
         self.returned = True
         values = pack_args((self.lease_id, self.slots, self.requests, self.tokens, self.nano))
         # It rides with the next call (the next lease's, say), or goes alone once idle long enough.
-        done = self.batcher.submit(_operation((self.plan, RETURN, values, 5)), _lease_idle_s(), None)
+        done = self.batcher.submit(_operation((self.plan, RETURN, values, 5)), self.idle_s, None)
         self.batcher.returning[self] = done
         done.add_done_callback(self._returned)
-        return done
 
     def _returned(self, done: asyncio.Future) -> None:
         self.batcher.returning.pop(self, None)
         if done.cancelled() or done.exception() is not None:
             log.warning("could not give a lease back; its room returns as the limits refill and its slots expire",
                         extra={"lease_id": self.lease_id})
-
-
-def _lease_idle_s() -> float:
-    return settings.GATEWAY["LEASE_SECONDS"] / 10
 
 
 async def give_back_leases() -> None:
@@ -669,26 +661,29 @@ class _Batcher:
         if not want:
             return False
         lease_id = _lease_id()
-        values = pack_args((lease_id, admission.reserved_tokens, admission.estimate_nano, want, slots))
         tokens, estimate = admission.reserved_tokens, admission.estimate_nano
+        values = pack_args((lease_id, tokens, estimate, want, slots))
 
-        def came(reply: asyncio.Future) -> None:
-            self.leasing.pop(id(plan), None)
-            if reply.cancelled() or reply.exception() is not None:
-                return  # the next request that does not fit asks again
-            result = reply.result()
-            if result[-2] > 0:
-                self.granted(Lease(self, plan, lease_id, result[-2], result[-1], tokens, estimate, result))
+        def came(reply: asyncio.Future) -> None:  # a failure: the next request that does not fit asks again
+            failed = reply.cancelled() or reply.exception() is not None
+            self.lease_came(plan, lease_id, tokens, estimate, None if failed else reply.result())
 
         self.submit(_operation((plan, LEASE, values, 5)), False, None).add_done_callback(came)
         return True
 
-    def granted(self, lease: Lease) -> None:
-        old = self.leases.get(id(lease.plan))
+    def lease_came(self, plan: _Plan, lease_id: str, tokens: int, estimate: int, reply) -> None:
+        """The reply of an operation that asked for a lease ('L' or 'l'; an exception or None if
+        it failed): its last two values are the units and slots granted. A lease granted replaces the plan's current
+        one, whose unused room its headers count in."""
+        self.leasing.pop(id(plan), None)
+        if reply is None or isinstance(reply, BaseException) or reply[0] != 1 or reply[-2] <= 0:
+            return
+        lease = Lease(self, plan, lease_id, reply[-2], reply[-1], tokens, estimate, reply)
+        old = self.leases.get(id(plan))
         if old is not None:
             lease.count_in(old)
             old.close()
-        self.leases[id(lease.plan)] = lease
+        self.leases[id(plan)] = lease
 
     def submit(self, operation: Operation, defer: bool | float,
                abandoned: Callable[[list], None] | None) -> asyncio.Future:
