@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str]) -> int:
     env = dict(os.environ)
     started = []
+    claimed: list[int] = []
     # GW_TEST_FORCE_EMBEDDED=1 ignores the machine's servers (how CI proves the fallback works).
     force_embedded = env.get("GW_TEST_FORCE_EMBEDDED") == "1"
     scratch = ROOT / ".data" / f"test-embedded-{os.getpid()}"
@@ -36,7 +37,9 @@ def main(argv: list[str]) -> int:
                 started.append(pg)
         if not env.get("REDIS_URL"):
             if port_open("127.0.0.1", 6379) and not force_embedded:
-                env["REDIS_URL"] = f"redis://127.0.0.1:6379/{9 + os.getpid() % 6}"
+                db = claim_redis_db("127.0.0.1", 6379)
+                claimed.append(db)
+                env["REDIS_URL"] = f"redis://127.0.0.1:6379/{db}"
             else:
                 print("[test] Redis not running on 6379: starting an embedded one", flush=True)
                 rd = EmbeddedRedis(scratch / "redis", persist=False)
@@ -49,11 +52,41 @@ def main(argv: list[str]) -> int:
         print(f"[test] PostgreSQL {env['DATABASE_URL']}  Redis {env['REDIS_URL']}", flush=True)
         return subprocess.call([sys.executable, "-m", "pytest", *argv], cwd=ROOT, env=env)
     finally:
+        for db in claimed:
+            release_redis_db("127.0.0.1", 6379, db)
         for server in reversed(started):
             server.stop()
             if isinstance(server, EmbeddedPostgres):
                 server.remove()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+CLAIM_KEY = "gw:testrun:db:%d"
+CLAIM_SECONDS = 3 * 3600  # a run killed before its cleanup frees its database after this
+
+
+def claim_redis_db(host: str, port: int) -> int:
+    """A Redis database index this run owns outright: claimed with SET NX in database 0 (which
+    the tests never use), so two runs on one machine never share one."""
+    import redis
+
+    control = redis.Redis(host=host, port=port, db=0)
+    count = int(control.config_get("databases").get("databases", 16))
+    try:
+        for db in range(1, count):
+            if control.set(CLAIM_KEY % db, os.getpid(), nx=True, ex=CLAIM_SECONDS):
+                redis.Redis(host=host, port=port, db=db).flushdb()
+                return db
+    finally:
+        control.close()
+    raise SystemExit(f"[test] every Redis database on {host}:{port} is claimed by another test run")
+
+
+def release_redis_db(host: str, port: int, db: int) -> None:
+    import redis
+
+    redis.Redis(host=host, port=port, db=db).flushdb()
+    redis.Redis(host=host, port=port, db=0).delete(CLAIM_KEY % db)
 
 
 if __name__ == "__main__":

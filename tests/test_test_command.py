@@ -20,3 +20,19 @@ def test_the_test_command_falls_back_to_embedded_servers():
     assert result.returncode == 0, output[-3000:]
     assert "starting an embedded one" in output and "2 passed" in output
     assert "127.0.0.1:5432" not in output.split("[test] PostgreSQL", 1)[1].splitlines()[0]
+
+
+def test_two_test_runs_never_share_a_redis_database():
+    from llm_platform.testrun import claim_redis_db, release_redis_db
+
+    first = claim_redis_db("127.0.0.1", 6379)
+    second = claim_redis_db("127.0.0.1", 6379)
+    try:
+        assert first != second
+        assert os.environ["REDIS_URL"].rsplit("/", 1)[1] not in (str(first), str(second))
+    finally:
+        release_redis_db("127.0.0.1", 6379, first)
+        release_redis_db("127.0.0.1", 6379, second)
+    import redis
+
+    assert redis.Redis(db=0).get(f"gw:testrun:db:{first}") is None
