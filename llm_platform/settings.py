@@ -157,6 +157,9 @@ GATEWAY = {
     "BREAKER_STREAM": env_str("GW_BREAKER_STREAM", "gw:breaker-events"),
     # Streamed events are kept this long for resume (GET /v1/streams/{id} with Last-Event-ID).
     "STREAM_TTL_SECONDS": env_int("GW_STREAM_TTL_SECONDS", 600),
+    # After SIGTERM, calls still running this long are ended by the platform (a retryable error
+    # event, a row that says so) before the server's own graceful timeout would cut them.
+    "SHUTDOWN_GRACE_SECONDS": env_float("GW_SHUTDOWN_GRACE_SECONDS", 8.0),
     "STREAM_RESUME_ENABLED": env_bool("GW_STREAM_RESUME_ENABLED", True),
     # How long a completed request's response is kept for replay under its Idempotency-Key.
     "IDEMPOTENCY_TTL_SECONDS": env_int("GW_IDEMPOTENCY_TTL_SECONDS", 86400),

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from .chat import chat_completions, health, list_models, resume_stream, retrieve_model
-from .errors import GatewayError
-from .http import Request, send_error
+from ..errors import GatewayError
+from ..frontdoors.openai_chat import chat_completions, resume_stream
+from ..frontdoors.openai_models import list_models, retrieve_model
+from .http import JSON, Request, header_list, send_error
 
 log = logging.getLogger("gateway.http")
+
+async def health(request: Request, receive, send) -> None:
+    """The process is alive (touches nothing)."""
+    await send({"type": "http.response.start", "status": 200, "headers": header_list(request.request_id, JSON)})
+    await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+
 
 HOT_ROUTES = {
     "/v1/chat/completions": chat_completions,

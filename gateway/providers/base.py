@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from django.conf import settings
+
+from llm_platform.runtime import Runtime
 
 from ..api.errors import GatewayError
 from ..routing import LaneSpec
@@ -120,10 +121,18 @@ def lane_credentials(lane: LaneSpec) -> str | None:
     return value
 
 
-_registry: dict[tuple, Provider] = {}
+_registered: dict[str, type[Provider]] = {}
+
+
+def register_provider(kind: str, factory: type[Provider]) -> None:
+    """Serve lanes of `kind` with `factory(base_url, api_key)`: how a test or a plug-in adds a
+    provider the route table can name."""
+    _registered[kind] = factory
 
 
 def _factory(kind: str):
+    if kind in _registered:
+        return _registered[kind]
     if kind in ("openai", "openai-compatible"):
         from .openai import OpenAIProvider
 
@@ -148,22 +157,26 @@ def default_base_url(kind: str) -> str:
 
 
 def get_provider(lane: LaneSpec) -> Provider:
-    """The long-lived adapter for this lane's provider, base URL and credential (per loop)."""
+    """The long-lived adapter for this lane's provider, base URL and credential, held by the
+    running loop's runtime (its connections cannot cross loops)."""
     api_key = lane_credentials(lane)
     base_url = (lane.base_url or default_base_url(lane.provider)).rstrip("/")
-    key = (lane.provider, base_url, api_key, id(asyncio.get_running_loop()))
-    provider = _registry.get(key)
+    held = Runtime.current().providers
+    key = (lane.provider, base_url, api_key)
+    provider = held.get(key)
     if provider is None:
         provider = _factory(lane.provider)(base_url, api_key)
         provider.kind = lane.provider
-        _registry[key] = provider
+        held[key] = provider
     return provider
 
 
 async def close_all() -> None:
-    for provider in list(_registry.values()):
+    """Close the running loop's adapters (their connection pools)."""
+    held = Runtime.current().providers
+    for provider in list(held.values()):
         await provider.aclose()
-    _registry.clear()
+    held.clear()
 
 
 def timeouts() -> tuple[float, float]:

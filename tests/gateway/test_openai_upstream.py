@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from decimal import Decimal
@@ -191,3 +192,36 @@ def test_client_disconnect_mid_stream_still_records_usage(server, tenant, commit
     row = UsageRecord.objects.get(request_id=request_id)
     assert row.http_status == 499 and row.error_code == "client_disconnected" and row.partial
     assert row.prompt_tokens > 0 and 1 <= row.completion_tokens < 30
+
+
+def test_a_client_hanging_up_a_whole_answer_releases_its_slot_and_records_a_partial_row(server, tenants):
+    """Through the REST door: the hang-up cancels the call (the session's cancel token)."""
+    from llm_platform.redis import get_redis
+
+    tenant, _, secret = tenants.make(tier={"max_concurrent": 3})  # small: one slot per request
+    slots = f"gw:{{t{tenant.pk}}}:conc"
+
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(
+                f"{server.base_url}/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                json={"model": "local-slow", "messages": [{"role": "user", "content": "tell me a long story " * 5}]}))
+            deadline = time.monotonic() + 5
+            while not get_redis().zcard(slots):  # admitted, the provider is generating
+                assert time.monotonic() < deadline, "the call never took its slot"
+                await asyncio.sleep(0.02)
+            request.cancel()  # the client hangs up before the answer
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+
+    asyncio.run(run())
+    from billing.models import UsageRecord
+
+    deadline = time.monotonic() + 5
+    while not UsageRecord.objects.filter(tenant=tenant).exists():
+        drain_usage()
+        assert time.monotonic() < deadline, "no usage row after the client hung up"
+    row = UsageRecord.objects.get(tenant=tenant)
+    assert row.http_status == 499 and row.error_code == "client_disconnected" and row.partial
+    assert row.prompt_tokens > 0
+    assert get_redis().zcard(slots) == 0

@@ -1,9 +1,13 @@
-"""Keep streamed events in Redis for a while, so a client that lost its connection can resume.
+"""The resumable event store: a call's events kept in Redis for a while, so a client that lost
+its connection can resume, and an Idempotency-Key replay can follow a stream another process
+is still producing.
 
-Each SSE event of a chat stream gets a sequence number (its `id:`) and is appended to a Redis
-stream under the tenant, with entry id `<seq>-0`, in small batches (one pipeline per few ms, not
-a round trip per chunk). The last entry marks the end (`done` or `error`). A reader resumes
-after any sequence number with XREAD, following live events until the end marker.
+Each delta event gets a sequence number (an SSE door's `id:`) and is appended, in the
+normalized vocabulary, to a Redis stream under the tenant with entry id `<seq>-0`, in small
+batches (one pipeline per few ms, not a round trip per chunk). The last entry marks the end:
+`done`, or `error` with the error's protocol-neutral fields, so whichever front door replays it
+renders the same end in its own shape. A reader resumes after any sequence number with XREAD,
+following live events until the end marker (`events`).
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import orjson
 import redis.exceptions
 from django.conf import settings
 
 from llm_platform.redis import get_async_redis
+
+from ..errors import GatewayError
+from ..types import Chunk
+from .events import Failed, Finish
 
 log = logging.getLogger("gateway.streams")
 FLUSH_AFTER_S = 0.005
@@ -76,12 +85,39 @@ class StreamWriter:
                 log.warning("could not keep stream events for resume", extra={"stream": self.key, "error": repr(exc)[:200]})
             self.failed = True
 
-    async def finish(self, end: str = "done", detail: bytes = b"") -> None:
-        await self._flush(end, detail)  # a pending timed flush finds an empty buffer later
+    async def finish(self, error: GatewayError | None = None) -> None:
+        """Write the end marker: `done`, or `error` with the error's fields."""
+        if error is None:
+            await self._flush("done")  # a pending timed flush finds an empty buffer later
+        else:
+            await self._flush("error", orjson.dumps(error.fields()))
 
 
 async def exists(tenant_id: int, stream_id: str) -> bool:
     return bool(await get_async_redis().exists(stream_key(tenant_id, stream_id)))
+
+
+async def events(tenant_id: int, stream_id: str, after: int, wait_s: float = 30.0):
+    """The kept events after `after` as the session's events (Delta, then Finish or Failed),
+    following live ones; ends without an end event when nothing new came for `wait_s`."""
+    async for seq, kind, data in replay(tenant_id, stream_id, after, wait_s):
+        if kind == "event":
+            yield Chunk(raw=data, seq=seq)
+        elif kind == "done":
+            yield Finish(seq)
+        else:
+            yield Failed(_stored_error(data), seq)
+
+
+def _stored_error(data: bytes) -> GatewayError:
+    try:
+        fields = orjson.loads(data)
+        if "status" in fields:
+            return GatewayError.from_fields(fields)
+        error = fields["error"]  # written by an older process: OpenAI's error body
+        return GatewayError(502, str(error.get("message")), type=error.get("type"), code=error.get("code"))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return GatewayError(502, "The stream ended with an error.", code="upstream_stream_error")
 
 
 async def replay(tenant_id: int, stream_id: str, after: int, wait_s: float = 30.0) -> AsyncIterator[tuple[int, str, bytes]]:

@@ -1,10 +1,12 @@
-"""The chat service: route, call the provider, settle usage. Every front door calls this.
+"""One provider call of the chat session: route, pre-flight, admit, the resilience ladder, settle.
 
     async with open_call(principal, req, ctx) as call:
         completion = await call.complete()        # or: async for chunk in call.stream()
-        ...render it in the front door's wire format...
     # leaving the block settles: the usage row is recorded, whatever happened (shielded from
     # cancellation, so a client that hangs up never loses its row).
+
+Front doors do not call this directly: they go through `gateway.chat.session.ChatSession`,
+which adds idempotency, the event store, stream validation and cancellation around it.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ from billing.pricing import cost_usd
 from billing.recorder import record
 from tenants.principal import Principal
 
-from . import limits, resilience
-from .api.errors import GatewayError
-from .lane_policy import policy_for
-from .providers.base import UpstreamError, get_provider
-from .routing import LaneSpec, Route, routes
-from .scripts import ScriptCall, run_scripts
-from .structured import complete_structured, schema_of
-from .tokens import count_messages, count_text
-from .types import ChatRequest, Chunk, Completion, Outcome, Usage
+from .. import limits, resilience
+from ..errors import GatewayError
+from ..lane_policy import policy_for
+from ..providers.base import UpstreamError, get_provider
+from ..routing import LaneSpec, Route, routes
+from ..scripts import ScriptCall, run_scripts
+from ..structured import complete_structured, schema_of
+from ..tokens import count_messages, count_text
+from ..types import ChatRequest, Chunk, Completion, Outcome, Usage
+from .cancel import CLIENT_GONE as CLIENT_GONE_REASON
+from .cancel import CancelToken
 
 log = logging.getLogger("gateway.calls")
 CLIENT_GONE = 499  # nginx's convention for "the client closed the request"
@@ -43,7 +47,8 @@ _settling: set[asyncio.Task] = set()
 @dataclass(slots=True)
 class CallContext:
     request_id: str
-    front_door: str = "rest"
+    front_door: str = "openai"
+    cancel: CancelToken | None = None  # who may stop the call, and why it stopped
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
 
@@ -367,8 +372,13 @@ class ChatCall:
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, GatewayError):
             self.status, self.error_code = exc.status, exc.code or exc.type
-        elif isinstance(exc, asyncio.CancelledError | ConnectionError):
-            self.status, self.error_code = CLIENT_GONE, "client_disconnected"
+        elif isinstance(exc, asyncio.CancelledError | ConnectionError | GeneratorExit):
+            # The client left (or a Stop button, a cancelled job: the token says which).
+            token = self.ctx.cancel
+            self.status = CLIENT_GONE
+            self.error_code = token.reason if token is not None and token.reason else CLIENT_GONE_REASON
+            if self._called:
+                self.partial = True  # the provider saw the prompt: billed for what it consumed
         else:
             self.status, self.error_code = 500, "internal_error"
         if self.req.stream and self.outcome.first_token_at is not None:

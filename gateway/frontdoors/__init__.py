@@ -1,0 +1,1 @@
+"""Front doors: one thin translator per protocol between its wire format and the chat session."""
