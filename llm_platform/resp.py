@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from django.conf import settings
 from redis.asyncio.connection import SSLConnection, parse_url
 
 from llm_platform.redis import SOCKET_TIMEOUT
+
+log = logging.getLogger(__name__)
 
 ResponseError = rx.ResponseError
 
@@ -411,6 +414,21 @@ class RespClient:
                 replies[i] = load_errors.get(calls[i][0].sha, reply)
         return replies
 
+    def send_deferred(self, command: tuple) -> None:
+        """Queue one command whose reply nobody waits for (no future, no task): it rides with
+        the next write, or leaves alone after `defer_s`. A failure is only logged."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            asyncio.ensure_future(self._send_alone(command))
+        else:
+            conn.request(_pack(command), defer=True, sink=_IGNORED)
+
+    async def _send_alone(self, command: tuple) -> None:
+        try:
+            raise_errors(await self.execute_many([command]))
+        except (rx.RedisError, OSError) as exc:
+            log.warning("a deferred Redis command was lost: %s", exc)
+
     def call_now(self, script: Script, data: bytes, sink: Sink) -> None:
         """One packed script call, written at once (see `_Connection.request`), its reply (or
         error reply, or failure) handed to `sink` as soon as it is read: no future, no hop
@@ -551,6 +569,25 @@ class _Loading:
 
     def set_exception(self, exc: BaseException) -> None:
         self.sink.set_exception(exc)
+
+
+class _Ignored:
+    """The sink of `send_deferred`: the reply is dropped, an error reply or a failure logged."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, reply) -> None:
+        if isinstance(reply, ResponseError):
+            log.warning("a deferred Redis command failed: %s", reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        log.warning("a deferred Redis command was lost: %s", exc)
+
+
+_IGNORED = _Ignored()
 
 
 def _to_sink(future: asyncio.Future, sink: Sink) -> None:

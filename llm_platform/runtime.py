@@ -22,6 +22,7 @@ import signal
 import weakref
 
 log = logging.getLogger("llm_platform.runtime")
+REAP_EVERY_S = 5
 
 
 class Runtime:
@@ -31,6 +32,8 @@ class Runtime:
         self.loop = loop
         self.providers: dict[tuple, object] = {}  # (kind, base URL, credential) -> adapter
         self.active: set = set()  # the cancel tokens of calls in flight (ended at shutdown)
+        self.journal: dict = {}  # request id -> this loop's admitted calls (gateway/chat/journal.py)
+        self.journal_beat: asyncio.Task | None = None
         self.started = False
         self._background: list[asyncio.Task] = []
         self._stream_deadline: asyncio.TimerHandle | None = None
@@ -88,7 +91,19 @@ class Runtime:
             await flush_pending()
             if seconds % 60 == 0:  # soon after start, then once a minute
                 await self._prune_functions()
+            if seconds % REAP_EVERY_S == 0:
+                await self._reap_lost_calls()
             seconds += 1
+
+    @staticmethod
+    async def _reap_lost_calls() -> None:
+        """Bill the calls of processes that died mid-call (gateway/chat/journal.py)."""
+        from gateway.chat import journal
+
+        try:
+            await journal.reap()
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next round tries again
+            log.warning("could not reap lost calls: %s", exc)
 
     @staticmethod
     async def _prune_functions() -> None:
@@ -154,6 +169,8 @@ class Runtime:
         await drain_settling()
         await give_back_leases()
         await flush_successes_now()
+        if self.journal_beat is not None:
+            self.journal_beat.cancel()
         for task in self._background:
             task.cancel()
         self._background.clear()

@@ -160,6 +160,9 @@ GATEWAY = {
     # After SIGTERM, calls still running this long are ended by the platform (a retryable error
     # event, a row that says so) before the server's own graceful timeout would cut them.
     "SHUTDOWN_GRACE_SECONDS": env_float("GW_SHUTDOWN_GRACE_SECONDS", 8.0),
+    # An admitted call not renewed by its process for this long counts as lost with it, and is
+    # billed from the call journal (gateway/chat/journal.py).
+    "JOURNAL_TTL_SECONDS": env_float("GW_JOURNAL_TTL_SECONDS", 60.0),
     "STREAM_RESUME_ENABLED": env_bool("GW_STREAM_RESUME_ENABLED", True),
     # How long a completed request's response is kept for replay under its Idempotency-Key.
     "IDEMPOTENCY_TTL_SECONDS": env_int("GW_IDEMPOTENCY_TTL_SECONDS", 86400),

@@ -36,6 +36,7 @@ from ..scripts import ScriptCall, run_scripts
 from ..structured import complete_structured, schema_of
 from ..tokens import count_messages, count_text
 from ..types import ChatRequest, Chunk, Completion, Outcome, Usage
+from . import journal
 from .cancel import CLIENT_GONE as CLIENT_GONE_REASON
 from .cancel import CancelToken
 
@@ -448,6 +449,7 @@ class ChatCall:
 
     def _submit_settlement(self, at_once: bool = False) -> tuple[asyncio.Future | None, dict]:
         """Log the call and submit its settlement (None if it could not be prepared); the row."""
+        journal.closed(self)
         usage = self.usage()
         lane = self.lane
         cost = cost_usd(lane.price_input, lane.price_output, lane.price_cached_input, usage.prompt_tokens,
@@ -497,6 +499,7 @@ async def open_call(principal: Principal, req: ChatRequest, ctx: CallContext):
     call = ChatCall(principal, req, route, ctx)
     call.preflight()
     await call.admit()  # a refusal here raises before anything is charged or recorded
+    journal.opened(call)  # from here on, the call ends as a usage row even if this process dies
     holds_slots = _hold_slots(call.admission)
     try:
         yield call
