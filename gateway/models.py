@@ -69,3 +69,28 @@ class BreakerEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.lane}: {self.from_state} -> {self.to_state}"
+
+
+class StoredResponse(models.Model):
+    """A response of the OpenAI Responses API front door, kept (unless `store: false`) so that a
+    follow-up can name it in `previous_response_id`, and `GET /v1/responses/{id}` can return it.
+
+    `conversation` holds the whole exchange in the normalized message vocabulary (the history it
+    continued, this turn's input and its output), so a follow-up is one primary-key read on any
+    lane, whatever served the first turn."""
+
+    id = models.CharField(primary_key=True, max_length=64)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="responses")
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+    model = models.CharField(max_length=200)
+    previous_response_id = models.CharField(max_length=64, blank=True)
+    body = models.JSONField()  # the Response object as the API returns it
+    input_items = models.JSONField(default=list)  # this turn's input items, as sent
+    conversation = models.JSONField(default=list)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "created_at"])]
+
+    def __str__(self) -> str:
+        return self.id

@@ -163,6 +163,8 @@ GATEWAY = {
     # An admitted call not renewed by its process for this long counts as lost with it, and is
     # billed from the call journal (gateway/chat/journal.py).
     "JOURNAL_TTL_SECONDS": env_float("GW_JOURNAL_TTL_SECONDS", 60.0),
+    # How long stored Responses API responses (`previous_response_id`, retrieve) are kept.
+    "RESPONSES_TTL_DAYS": env_int("GW_RESPONSES_TTL_DAYS", 30),
     "STREAM_RESUME_ENABLED": env_bool("GW_STREAM_RESUME_ENABLED", True),
     # How long a completed request's response is kept for replay under its Idempotency-Key.
     "IDEMPOTENCY_TTL_SECONDS": env_int("GW_IDEMPOTENCY_TTL_SECONDS", 86400),

@@ -7,6 +7,7 @@ import logging
 from ..errors import GatewayError
 from ..frontdoors.openai_chat import chat_completions, resume_stream
 from ..frontdoors.openai_models import list_models, retrieve_model
+from ..frontdoors.openai_responses import responses
 from .http import JSON, Request, header_list, send_error
 
 log = logging.getLogger("gateway.http")
@@ -20,9 +21,10 @@ async def health(request: Request, receive, send) -> None:
 HOT_ROUTES = {
     "/v1/chat/completions": chat_completions,
     "/v1/models": list_models,
+    "/v1/responses": responses,
     "/health": health,
 }
-PREFIX_ROUTES = (("/v1/models/", retrieve_model), ("/v1/streams/", resume_stream))
+PREFIX_ROUTES = (("/v1/models/", retrieve_model), ("/v1/streams/", resume_stream), ("/v1/responses/", responses))
 
 
 class GatewayHTTP:
