@@ -92,7 +92,7 @@ def _bootstrap(host: str, port: int) -> None:
     if "admin_password" in result:
         _say(f"admin: {base}/admin/  user 'admin', password {result['admin_password']} (shown once)")
     else:
-        _say(f"admin: {base}/admin/  (user 'admin'; reset with: python manage.py changepassword admin)")
+        _say(f"admin: {base}/admin/  (user 'admin'; reset with: .venv/bin/python manage.py changepassword admin)")
     if "key" not in result:
         _say("demo tenant 'demo' already exists; its key was shown on the first run.")
         _say("get a new key with: .venv/bin/python manage.py issue_key demo")
