@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -10,11 +11,44 @@ from .env import database_from_url, env_bool, env_float, env_int, env_list, env_
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+
+def load_run_env(path: Path) -> bool:
+    """While `bash scripts/run` is up, take the variables it chose (its embedded servers' URLs,
+    its generated secret) from the file it writes, so that `manage.py` in another shell reaches
+    the same servers. A variable set in the environment wins; a file whose run command has
+    stopped (it removes the file) or died (its pid is gone) is ignored. True if it was read."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    values = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    pid = values.pop("GW_RUN_PID", "")
+    if not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: is it alive?
+    except PermissionError:
+        pass  # alive, another user's
+    except OSError:
+        return False
+    for name, value in values.items():
+        if not os.environ.get(name):
+            os.environ[name] = value
+    return True
+
+
+RUN_ENV_FILE = Path(os.environ.get("GW_DATA_DIR") or BASE_DIR / ".data").resolve() / "run.env"
+load_run_env(RUN_ENV_FILE)
+
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off. On a local checkout, keep `bash scripts/run` "
+            "running: manage.py in another shell then takes SECRET_KEY and the embedded servers' "
+            f"URLs from {RUN_ENV_FILE}. Elsewhere, set SECRET_KEY, DATABASE_URL and REDIS_URL."
+        )
     SECRET_KEY = "insecure-development-only-secret-key"  # noqa: S105 - DEBUG only
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")

@@ -3,6 +3,10 @@
 Starts embedded PostgreSQL and Redis when DATABASE_URL / REDIS_URL are unset, migrates, loads
 the sample routes, makes sure a demo tenant exists (printing a key once), then serves the
 platform (uvicorn: HTTP + WebSocket), a Celery worker and the usage writer until Ctrl-C.
+
+While it runs, `.data/run.env` holds what it chose itself (the embedded servers' URLs, the
+generated secret), so that `manage.py` in another shell reaches the same servers
+(llm_platform/settings.py reads it); the file goes when the run command stops.
 """
 
 from __future__ import annotations
@@ -31,6 +35,26 @@ def _secret_key(data: Path) -> str:
         path.write_text(secrets.token_urlsafe(50))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _write_run_env(path: Path, values: dict[str, str]) -> None:
+    """Owner-only, replaced atomically: a reader never sees half a file."""
+    lines = [f"# written by the run command, pid {os.getpid()}; removed when it stops",
+             f"GW_RUN_PID={os.getpid()}", *(f"{name}={value}" for name, value in values.items())]
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _remove_run_env(path: Path) -> None:
+    """Only our own file: another run command may have written one since."""
+    try:
+        if f"GW_RUN_PID={os.getpid()}\n" in path.read_text():
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _manage(*args: str, capture: bool = False) -> str:
@@ -68,7 +92,7 @@ def _bootstrap(host: str, port: int) -> None:
     if "admin_password" in result:
         _say(f"admin: {base}/admin/  user 'admin', password {result['admin_password']} (shown once)")
     else:
-        _say(f"admin: {base}/admin/  (user 'admin'; reset with: python manage.py changepassword admin)")
+        _say(f"admin: {base}/admin/  (user 'admin'; reset with: .venv/bin/python manage.py changepassword admin)")
     if "key" not in result:
         _say("demo tenant 'demo' already exists; its key was shown on the first run.")
         _say("get a new key with: .venv/bin/python manage.py issue_key demo")
@@ -103,6 +127,8 @@ def main() -> int:
         return 1
     started: list = []
     children: list[subprocess.Popen] = []
+    run_env = data / "run.env"
+    chosen: dict[str, str] = {}  # what a shell without these variables needs to reach this run
     stopping = False
 
     def stop(*_args) -> None:
@@ -115,14 +141,17 @@ def main() -> int:
         if not os.environ.get("DATABASE_URL"):
             pg = EmbeddedPostgres(data / "postgres")
             _say("starting embedded PostgreSQL …")
-            os.environ["DATABASE_URL"] = pg.start()
+            os.environ["DATABASE_URL"] = chosen["DATABASE_URL"] = pg.start()
             started.append(pg)
         if not os.environ.get("REDIS_URL"):
             rd = EmbeddedRedis(data / "redis")
             _say("starting embedded Redis (valkey) …")
-            os.environ["REDIS_URL"] = rd.start()
+            os.environ["REDIS_URL"] = chosen["REDIS_URL"] = rd.start()
             started.append(rd)
-        os.environ.setdefault("SECRET_KEY", _secret_key(data))
+        if not os.environ.get("SECRET_KEY"):
+            os.environ["SECRET_KEY"] = chosen["SECRET_KEY"] = _secret_key(data)
+        if chosen:
+            _write_run_env(run_env, chosen)
         os.environ.setdefault("DEBUG", "1")
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
         _say("migrating …")
@@ -150,6 +179,7 @@ def main() -> int:
         return 0
     finally:
         _say("stopping …")
+        _remove_run_env(run_env)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)

@@ -22,11 +22,11 @@ from django.conf import settings
 from llm_platform.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = ROOT.parent / "shared" / "specs"
+SCHEMAS = ROOT / "tests" / "schemas"  # copies of the vendors' JSON Schemas (tests/schemas/README.md)
 
 
 def schema(name: str) -> dict:
-    return json.loads((SPECS / f"{name}.schema.json").read_text())
+    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,21 @@ def test_run_command_serves_a_demo_key_and_restarts_cleanly():
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="local", messages=[{"role": "user", "content": "Hi!"}], stream=True) if c.choices)
         assert streamed == reply.choices[0].message.content
+
+        # The README's next command, typed in another shell while the run command is up.
+        issued = manage_in_a_fresh_shell(data, "issue_key", "demo")
+        assert issued.returncode == 0, issued.stderr
+        other_key = issued.stdout.split()[-1]
+        assert other_key.startswith("sk-gw-") and other_key != key
+        other = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=other_key, max_retries=0)
+        assert other.chat.completions.create(
+            model="local", messages=[{"role": "user", "content": "Hi!"}]).choices[0].message.content
+
         assert first.interrupt() == 0
         assert "stopped" in "".join(first.seen)
+        assert not (data / "run.env").exists()
+        refused = manage_in_a_fresh_shell(data, "issue_key", "demo")
+        assert refused.returncode != 0 and "scripts/run" in refused.stderr
 
         second = Run(data, port)
         second.wait_for("already exists")
@@ -84,6 +97,40 @@ def test_run_command_serves_a_demo_key_and_restarts_cleanly():
     finally:
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(relocated_postgres(data), ignore_errors=True)
+
+
+def manage_in_a_fresh_shell(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python manage.py ...` with none of the run command's variables (DATABASE_URL, REDIS_URL,
+    SECRET_KEY, DEBUG): only PATH, HOME and this test's data folder (the default is `.data`)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"),
+           "GW_DATA_DIR": str(data)}
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_a_run_env_file_whose_run_command_died_is_ignored(tmp_path, monkeypatch):
+    from llm_platform.settings import load_run_env
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = tmp_path / "run.env"
+    path.write_text(f"GW_RUN_PID={gone.pid}\nREDIS_URL=redis://127.0.0.1:1/0\n")
+    monkeypatch.setenv("REDIS_URL", "")  # unset, as far as settings go; restored afterwards
+    assert load_run_env(path) is False
+    assert os.environ["REDIS_URL"] == ""
+
+
+def test_a_variable_set_in_the_environment_wins_over_the_run_env_file(tmp_path, monkeypatch):
+    from llm_platform.settings import load_run_env
+
+    path = tmp_path / "run.env"
+    path.write_text(f"# comment\nGW_RUN_PID={os.getpid()}\nREDIS_URL=redis://127.0.0.1:1/0\n"
+                    "GW_TEST_RUN_ENV_ONLY=from-file\n")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:2/0")
+    monkeypatch.setenv("GW_TEST_RUN_ENV_ONLY", "")  # unset, as far as settings go; removed afterwards
+    assert load_run_env(path) is True
+    assert os.environ["REDIS_URL"] == "redis://127.0.0.1:2/0"
+    assert os.environ["GW_TEST_RUN_ENV_ONLY"] == "from-file"
 
 
 def relocated_postgres(data: Path) -> Path:

@@ -1,6 +1,6 @@
 """The fake upstreams speak the vendors' wire protocols, as the official SDKs and JSON Schemas see them.
 
-No Django here: these tests only need the fakes, the SDKs and the specs in ``../shared/specs``.
+No Django here: these tests only need the fakes, the SDKs and the JSON Schemas in ``tests/schemas``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -26,9 +25,7 @@ import pytest
 from tests.support.fake_anthropic import FakeAnthropic
 from tests.support.fake_openai import FakeOpenAI
 
-SPECS = Path(
-    os.environ.get("LLM_SPECS_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "specs")
-)
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{32}$")
 OPENAI_MODEL = "gpt-4o-mini"
 CLAUDE = "claude-haiku-4-5"
@@ -43,10 +40,7 @@ WEATHER_ANTHROPIC: Any = [{"name": "get_weather", "input_schema": {"type": "obje
 
 @cache
 def validator(name: str) -> jsonschema.protocols.Validator:
-    path = SPECS / f"{name}.schema.json"
-    if not path.exists():
-        pytest.fail(f"schema {path} missing; set LLM_SPECS_DIR to the shared specs folder")
-    with path.open() as f:
+    with (SCHEMAS / f"{name}.schema.json").open() as f:
         schema = json.load(f)
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
