@@ -176,7 +176,9 @@ def to_chat_body(data: dict, history: list[dict]) -> tuple[dict, list[dict], lis
 def usage_object(usage) -> dict | None:
     if usage is None:
         return None
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                     "cache_write_tokens": usage.cache_creation_tokens},
             "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
@@ -210,6 +212,14 @@ def assistant_messages(items: list[dict]) -> list[dict]:
     return [message] if text or calls else []
 
 
+def _error_code(error: GatewayError) -> str:
+    """The Response object's error codes are a closed set: the nearest one (the platform's own
+    code is in the message's error event and the usage row)."""
+    if error.status == 429:
+        return "rate_limit_exceeded"
+    return "invalid_prompt" if 400 <= error.status < 500 else "server_error"
+
+
 def response_object(response_id: str, created_at: float, data: dict, output: list[dict], usage, status: str,
                     finish_reason: str | None = None, error: GatewayError | None = None) -> dict:
     incomplete = None
@@ -218,7 +228,7 @@ def response_object(response_id: str, created_at: float, data: dict, output: lis
     fmt = (data.get("text") or {}).get("format") if isinstance(data.get("text"), dict) else None
     return {
         "id": response_id, "object": "response", "created_at": int(created_at), "status": status,
-        "error": None if error is None else {"code": error.code or error.type, "message": error.message},
+        "error": None if error is None else {"code": _error_code(error), "message": error.message},
         "incomplete_details": incomplete, "instructions": data.get("instructions"),
         "max_output_tokens": data.get("max_output_tokens"), "model": data.get("model"), "output": output,
         "parallel_tool_calls": data.get("parallel_tool_calls", True),
@@ -226,8 +236,9 @@ def response_object(response_id: str, created_at: float, data: dict, output: lis
         "reasoning": {"effort": None, "summary": None}, "store": data.get("store", True),
         "temperature": data.get("temperature"), "text": {"format": fmt or {"type": "text"}},
         "tool_choice": data.get("tool_choice", "auto"), "tools": data.get("tools") or [],
-        "top_p": data.get("top_p"), "truncation": "disabled", "usage": usage_object(usage),
-        "user": data.get("user"), "metadata": data.get("metadata") or {},
+        "top_p": data.get("top_p"), "truncation": "disabled", "metadata": data.get("metadata") or {},
+        **({"usage": usage_object(usage)} if usage is not None else {}),
+        **({"user": data["user"]} if isinstance(data.get("user"), str) else {}),
     }
 
 
@@ -250,8 +261,8 @@ class StreamRenderer:
         return kind, event
 
     def response(self, status: str, error: GatewayError | None = None) -> dict:
-        return response_object(self.id, self.created, self.data, self.output, self.usage, status, self.finish_reason,
-                               error)
+        output = [dict(item) for item in self.output]  # a snapshot: the items change as the stream goes
+        return response_object(self.id, self.created, self.data, output, self.usage, status, self.finish_reason, error)
 
     def started(self) -> list:
         snapshot = self.response("in_progress")
@@ -273,7 +284,7 @@ class StreamRenderer:
                     events.append(self._event("response.output_item.added", output_index=index, item=self._text_item))
                     events.append(self._event("response.content_part.added", item_id=self._text_item["id"],
                                               output_index=index, content_index=0,
-                                              part={"type": "output_text", "text": "", "annotations": []}))
+                                              part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
                 self._text.append(choice.text)
                 events.append(self._event("response.output_text.delta", item_id=self._text_item["id"],
                                           output_index=self.output.index(self._text_item), content_index=0,
@@ -317,9 +328,10 @@ class StreamRenderer:
 
     def finished(self, usage) -> list:
         self.usage = usage or self.usage
+        closing = self._close_items()
         response = self.response("completed")
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
-        return self._close_items() + [self._event(kind, response=response)]
+        return closing + [self._event(kind, response=response)]
 
     def failed(self, error: GatewayError) -> list:
         return [self._event("response.failed", response=self.response("failed", error))]

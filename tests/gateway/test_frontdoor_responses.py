@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import jsonschema
 import openai
 import pytest
 
-from tests.conftest import usage_row
+from tests.conftest import schema, usage_row
 
 EXPECTED = "Hello from the built-in local model. You said: Hi there"
 
@@ -19,6 +20,7 @@ def sdk(server, tenants):
 def test_a_response_comes_back_in_the_responses_shape_and_is_billed_as_such(sdk):
     raw = sdk.responses.with_raw_response.create(model="local", input="Hi there", instructions="Be brief.")
     response = raw.parse()
+    jsonschema.validate(raw.http_response.json(), schema("openai.Response"))
     assert response.object == "response" and response.status == "completed" and response.id.startswith("resp_")
     assert response.output_text == EXPECTED
     assert response.output[0].type == "message" and response.output[0].content[0].type == "output_text"
@@ -30,6 +32,9 @@ def test_a_response_comes_back_in_the_responses_shape_and_is_billed_as_such(sdk)
 
 def test_a_streamed_response_sends_the_typed_events_in_order(sdk):
     events = list(sdk.responses.create(model="local", input="Hi there", stream=True))
+    validator = schema("openai.ResponseStreamEvent")
+    for event in events:
+        jsonschema.validate(event.model_dump(mode="json", exclude_unset=True, by_alias=True), validator)
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]

@@ -263,8 +263,8 @@ def test_the_reservation_estimate_is_the_exact_cost_rounded_up(price_in, price_o
 
 def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes, tenants, monkeypatch):
     from gateway import routing
-    from gateway.chat import call as service
     from gateway.api.validation import validate_chat
+    from gateway.chat import call as service
 
     who = principal(tenants, max_concurrent=1, tokens_per_minute=10_000, daily_budget_usd=Decimal("5"))
     # The route table read here, in this thread (not in an executor thread of the loop below).
