@@ -103,3 +103,20 @@ async def orm(fn: Callable[..., T], *args) -> T:
     except (OperationalError, InterfaceError) as exc:
         log.warning("PostgreSQL unavailable (%s): %s", getattr(fn, "__qualname__", fn), type(exc).__name__)
         raise DatabaseUnavailable() from None
+
+
+def close_connections(wait_s: float = 5.0) -> None:
+    """Close every ORM thread's connection (a process stopping; a test dropping its database).
+
+    One task per thread, each held at a barrier until all have run, so that no thread runs two."""
+    barrier = threading.Barrier(THREADS)
+
+    def close() -> None:
+        connections.close_all()
+        try:
+            barrier.wait(timeout=wait_s)
+        except threading.BrokenBarrierError:
+            pass  # a thread stuck on a hung PostgreSQL: its call's cut frees it
+
+    for future in [_executor.submit(close) for _ in range(THREADS)]:
+        future.result()

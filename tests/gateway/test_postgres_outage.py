@@ -19,11 +19,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import redis
 from django.conf import settings
 
 from llm_platform.embedded import EmbeddedPostgres
 from llm_platform.testrun import claim_redis_db, release_redis_db
-from tenants.models import KEY_PREFIX
+from tenants.auth import redis_key
+from tenants.models import KEY_PREFIX, hash_key
 from tests.conftest import ROOT, Server
 
 ROUTES = """
@@ -44,6 +46,7 @@ for _ in range(4):
 """
 CALL_TIMEOUT_S = 1.0  # the server's GW_DB_CALL_TIMEOUT
 CONNECT_TIMEOUT_S = 2  # libpq's smallest
+LOCAL_CACHE_S = 0.2  # the server's own copies of keys and routes expire this fast
 
 
 class OwnedPostgres:
@@ -110,7 +113,9 @@ def outage(tmp_path_factory):
         keys = [w for w in manage(env, "shell", stdin=SETUP).split() if w.startswith(KEY_PREFIX)]
         assert len(keys) == 4
         server = Server({**env, "GW_DB_CALL_TIMEOUT": str(CALL_TIMEOUT_S),
-                         "GW_DB_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S)})
+                         "GW_DB_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S),
+                         "GW_LOCAL_CACHE_SECONDS": str(LOCAL_CACHE_S)})
+        server.redis = redis.Redis.from_url(env["REDIS_URL"])
         yield server, pg, keys
     finally:
         if server is not None:
@@ -161,7 +166,11 @@ def test_postgres_restart_gives_503_while_down_and_serves_again_without_a_server
         status, headers, body = call(server, "chat", uncached)
         assert status == 503 and body["error"]["code"] == "database_unavailable"
         assert body["error"]["type"] == "server_error" and int(headers["retry-after"]) >= 1
-        assert call(server, "chat", cached)[0] == 200  # its principal and the route table are cached
+        # The server's own copy of the key and of the route table, past their freshness, still
+        # serve: the shared Redis copy is gone too.
+        server.redis.delete(redis_key(hash_key(cached)))
+        time.sleep(LOCAL_CACHE_S * 1.5)
+        assert call(server, "chat", cached)[0] == 200
         status, headers, body = call(server, "/ready")
         assert status == 503 and body["checks"]["postgres"].startswith("error") and headers["retry-after"]
     finally:
