@@ -142,9 +142,14 @@ async def _principal(hashed: str) -> Principal | None:
         # shield: a caller that leaves (client hang-up) does not cancel the others' lookup
         return await asyncio.shield(_refresh(hashed))
     except DatabaseUnavailable:
-        if entry is not None and now - entry.loaded_at < settings.DATABASE_STALE_SECONDS:
-            return entry.principal  # PostgreSQL away: what this process knew still holds
-        raise
+        stale_until = entry.loaded_at + settings.DATABASE_STALE_SECONDS if entry is not None else 0.0
+        if now >= stale_until:
+            raise
+        # PostgreSQL away: what this process knew still holds. The next requests serve it at
+        # once, and one at a time tries again in the background.
+        entry.refresh_at = now
+        entry.fresh_until = min(now + settings.GATEWAY["LOCAL_CACHE_SECONDS"], stale_until)
+        return entry.principal
 
 
 async def authenticate(raw_key: str) -> Principal:

@@ -195,7 +195,11 @@ def test_hung_postgres_cannot_hold_a_request_or_ready_and_a_bad_key_is_refused_a
         bad_key = KEY_PREFIX + "x" * 43 + "zzzzzz"  # the shape of a key, but not its checksum
         status, _, body, took = timed(server, "chat", bad_key)
         assert status == 401 and body["error"]["code"] == "invalid_api_key" and took < 1.0
-        assert call(server, "chat", cached)[0] == 200
+        server.redis.delete(redis_key(hash_key(cached)))
+        time.sleep(LOCAL_CACHE_S * 1.5)  # the process's own copy is stale, Redis has none
+        for _ in range(3):
+            status, _, _, took = timed(server, "chat", cached)
+            assert status == 200 and took < bound
     finally:
         pg.signal(signal.SIGCONT)
     assert until_ok(server, "chat", later) == 200
