@@ -9,9 +9,11 @@ call, and turns "the database is away" into one client-facing error, `DatabaseUn
 
 A PostgreSQL that accepts connections but answers nothing (a hung host, a stopped process)
 would hold a thread for as long as TCP lets it. `orm()` waits at most `DATABASE_CALL_TIMEOUT`
-seconds, then shuts the thread's socket down so that libpq returns at once and the thread is free
-again (the connection is closed and reopened by the next call). Connect and statement timeouts
-(settings.DATABASES OPTIONS) bound the rest.
+seconds, then shuts the thread's socket down so that libpq returns at once; if Django then
+reconnects within the same call (its health check failed), the connect timeout bounds that. So
+a thread is held at most DATABASE_CALL_TIMEOUT + the connect timeout, and a call waits at most
+DATABASE_CALL_TIMEOUT, queueing included. The statement timeout (settings.DATABASES OPTIONS)
+bounds a slow query on the server's side.
 """
 
 from __future__ import annotations
