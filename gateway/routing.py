@@ -1,21 +1,26 @@
 """The route table: a per-process snapshot of ModelRoute/Lane, refreshed every few seconds.
 
 The hot path reads the snapshot (a dict lookup); PostgreSQL is read only on refresh, off the
-request's critical path except for the very first request of a process.
+request's critical path except for the very first request of a process. While PostgreSQL is
+away, the last good snapshot keeps serving for up to `DATABASE_STALE_SECONDS`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
+
+from llm_platform.db import DatabaseUnavailable, orm
 
 from .lane_policy import parse_policy
 from .models import Lane, ModelRoute
+
+log = logging.getLogger("gateway.routing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,25 +85,42 @@ class RouteTable:
     def __init__(self) -> None:
         self._table: dict[str, Route] | None = None
         self._expires = 0.0
+        self._loaded_at = 0.0  # when the snapshot was read from PostgreSQL (monotonic)
         self._refreshing: asyncio.Future | None = None
 
     async def snapshot(self) -> dict[str, Route]:
-        if self._table is not None and time.monotonic() < self._expires:
+        now = time.monotonic()
+        if self._table is not None and now < self._expires:
             return self._table
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._refresh())
-        if self._table is None:
-            return await self._refreshing
-        return self._table  # serve the previous snapshot while one refresh runs
+            self._refreshing.add_done_callback(_retrieve)
+        if self._table is None or now - self._loaded_at > settings.DATABASE_STALE_SECONDS:
+            return await asyncio.shield(self._refreshing)
+        return self._table  # serve the previous snapshot while one refresh runs (or fails)
 
     async def _refresh(self) -> dict[str, Route]:
-        table = await sync_to_async(load_table, thread_sensitive=False)()
+        try:
+            table = await orm(load_table)
+        except DatabaseUnavailable:
+            if self._table is not None:  # keep serving the last good copy; try again in a second
+                self._expires = time.monotonic() + 1.0
+            raise
         self._table = table
-        self._expires = time.monotonic() + settings.GATEWAY["LOCAL_CACHE_SECONDS"]
+        self._loaded_at = time.monotonic()
+        self._expires = self._loaded_at + settings.GATEWAY["LOCAL_CACHE_SECONDS"]
         return table
 
     def invalidate(self) -> None:
         self._expires = 0.0
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """A refresh nobody awaited failed: the next snapshot() tries again (already logged)."""
+    if not future.cancelled():
+        exc = future.exception()
+        if exc is not None and not isinstance(exc, DatabaseUnavailable):
+            log.error("route table refresh failed", exc_info=exc)
 
 
 routes = RouteTable()

@@ -14,6 +14,8 @@ _async_clients: dict[int, aioredis.Redis] = {}
 _lock = threading.Lock()
 
 SOCKET_TIMEOUT = 2.0  # a Redis that stops answering must fail fast, not hang the request
+MAX_CONNECTIONS = 512  # per process and event loop (asyncio client)
+POOL_TIMEOUT = 1.0  # a command waits this long for a free connection when all are busy
 
 
 def get_redis() -> redis.Redis:
@@ -35,13 +37,17 @@ def get_async_redis() -> aioredis.Redis:
     loop_id = id(asyncio.get_running_loop())
     client = _async_clients.get(loop_id)
     if client is None:
-        client = aioredis.Redis.from_url(
+        # Blocking pool: past max_connections a command waits (up to POOL_TIMEOUT) for a
+        # connection to come back instead of failing at once with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL,
             socket_timeout=SOCKET_TIMEOUT,
             socket_connect_timeout=SOCKET_TIMEOUT,
             health_check_interval=30,
-            max_connections=512,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_TIMEOUT,
         )
+        client = aioredis.Redis(connection_pool=pool)
         _async_clients[loop_id] = client
     return client
 

@@ -101,6 +101,18 @@ DATABASE_URL = env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postg
 DATABASES = {"default": database_from_url(DATABASE_URL)}
 DATABASES["default"]["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# A PostgreSQL that is away or hung must not hold a request: libpq's connect timeout (seconds,
+# 2 at least) and a server-side statement timeout (ms) for every connection. A URL's own
+# ?connect_timeout= or ?options= wins.
+DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env_int("GW_DB_CONNECT_TIMEOUT", 3))
+DATABASES["default"]["OPTIONS"].setdefault(
+    "options", f"-c statement_timeout={env_int('GW_DB_STATEMENT_TIMEOUT_MS', 30_000)}")
+# Hot-path ORM reads (llm_platform.db.orm: a key not cached, a route-table refresh) give up after
+# this many seconds with a 503, whatever PostgreSQL does (a hung server answers no query at all).
+DATABASE_CALL_TIMEOUT = env_float("GW_DB_CALL_TIMEOUT", 3.0)
+# While PostgreSQL is away, keys and routes this process already knows keep serving past their
+# freshness for at most this long (seconds); after that, calls that need them get 503.
+DATABASE_STALE_SECONDS = env_float("GW_DB_STALE_SECONDS", 900.0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")

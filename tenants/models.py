@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import string
+import zlib
 from datetime import timedelta
 from decimal import Decimal
 
@@ -13,6 +15,29 @@ from django.utils import timezone
 
 KEY_PREFIX = "sk-gw-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8  # the visible part that identifies a key
+
+
+_BASE62 = string.digits + string.ascii_letters
+_RANDOM_LENGTH = 43  # secrets.token_urlsafe(32)
+CHECKSUM_LENGTH = 6
+
+
+def key_checksum(body: str) -> str:
+    """CRC32 of the key's body in 6 base62 characters (as GitHub's tokens): a mistyped or
+    made-up key is refused without a lookup, so bad keys never wait on the database."""
+    value, out = zlib.crc32(body.encode()), []
+    for _ in range(CHECKSUM_LENGTH):
+        value, digit = divmod(value, 62)
+        out.append(_BASE62[digit])
+    return "".join(reversed(out))
+
+
+def key_is_plausible(secret: str) -> bool:
+    """Could this be a key we issued? Keys issued before checksums (no suffix) must be looked up."""
+    if len(secret) == len(KEY_PREFIX) + _RANDOM_LENGTH:
+        return True
+    body = secret[:-CHECKSUM_LENGTH]
+    return len(secret) == len(KEY_PREFIX) + _RANDOM_LENGTH + CHECKSUM_LENGTH and secret[-CHECKSUM_LENGTH:] == key_checksum(body)
 
 
 def hash_key(secret: str) -> str:
@@ -119,7 +144,8 @@ class ApiKey(LimitFields):
     @staticmethod
     def generate() -> tuple[str, str, str]:
         """A fresh (secret, prefix, hash)."""
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        body = KEY_PREFIX + secrets.token_urlsafe(32)
+        secret = body + key_checksum(body)
         return secret, secret[:PREFIX_LENGTH], hash_key(secret)
 
     @classmethod

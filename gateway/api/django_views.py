@@ -58,10 +58,37 @@ def _check_redis() -> str | None:
         return type(exc).__name__
 
 
+def _select_one() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def _database_ready() -> str | None:
+    """Through llm_platform.db.orm, as the hot path reads: a fresh connection after a restart,
+    and an answer within DATABASE_CALL_TIMEOUT when PostgreSQL hangs."""
+    from llm_platform.db import DatabaseUnavailable, orm
+
+    try:
+        await orm(_select_one)
+        return None
+    except DatabaseUnavailable as exc:
+        return exc.message
+
+
+async def _redis_ready() -> str | None:
+    from llm_platform.redis import get_async_redis
+
+    try:
+        await get_async_redis().ping()
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: /ready must answer
+        return type(exc).__name__
+
+
 @require_GET
-def ready(request: HttpRequest) -> JsonResponse:
+async def ready(request: HttpRequest) -> JsonResponse:
     """PostgreSQL and Redis reachable; load balancers take us out of rotation on 503."""
-    checks = {"postgres": _check_database(), "redis": _check_redis()}
+    checks = {"postgres": await _database_ready(), "redis": await _redis_ready()}
     ok = all(v is None for v in checks.values())
     body = {"status": "ready" if ok else "unavailable",
             "checks": {k: "ok" if v is None else f"error: {v}" for k, v in checks.items()}}

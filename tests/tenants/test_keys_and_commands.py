@@ -133,7 +133,7 @@ def test_admin_issues_a_key_and_shows_its_secret_once(committed_db, flushed_redi
     browser.force_login(admin)
     response = browser.post("/admin/tenants/apikey/add/", {"tenant": tenant.pk, "name": "from admin", "allowed_models": "[]"}, follow=True)
     assert response.status_code == 200
-    shown = re.findall(r"sk-gw-[A-Za-z0-9_\-]{43}", response.content.decode())
+    shown = re.findall(r"sk-gw-[A-Za-z0-9_\-]{49}", response.content.decode())
     assert len(shown) == 1
     key = ApiKey.objects.get(tenant=tenant)
     assert key.hashed_key == hash_key(shown[0])
