@@ -176,4 +176,7 @@ class Runtime:
         self._background.clear()
         await flush_pending()
         await close_all()
+        from llm_platform.db import close_connections
+
+        await asyncio.get_running_loop().run_in_executor(None, close_connections)
         self.started = False

@@ -15,8 +15,9 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
-from asgiref.sync import sync_to_async
 from django.conf import settings
+
+from llm_platform.db import orm
 
 from .. import idempotency
 from ..api.http import Request, header_list, send_json
@@ -66,7 +67,7 @@ async def responses(request: Request, receive, send) -> None:
     if previous is not None:
         if not isinstance(previous, str):
             raise invalid("Invalid 'previous_response_id': expected a string.", "previous_response_id")
-        stored = await sync_to_async(_load, thread_sensitive=False)(principal.tenant_id, previous)
+        stored = await orm(_load, principal.tenant_id, previous)
         if stored is None:
             raise _not_found(previous, "previous_response_id")
         history = stored.conversation
@@ -95,8 +96,7 @@ class _Turn:
     async def store(self, body: dict) -> None:
         if self.data.get("store", True) is not False:
             conversation = self.conversation + wire.assistant_messages(body["output"])
-            await sync_to_async(_save, thread_sensitive=False)(self.tenant_id, body, self.data, self.items,
-                                                               conversation)
+            await orm(_save, self.tenant_id, body, self.data, self.items, conversation)
 
 
 async def _json(request: Request, send, turn_session: ChatSession, turn: _Turn) -> None:
@@ -147,11 +147,11 @@ def _stored(request: Request, rest: str):
 
     async def handle(request: Request, send) -> None:
         principal = await principal_of(request)
-        stored = await sync_to_async(_load, thread_sensitive=False)(principal.tenant_id, response_id)
+        stored = await orm(_load, principal.tenant_id, response_id)
         if stored is None:
             raise _not_found(response_id)
         if request.method == "DELETE":
-            await sync_to_async(stored.delete, thread_sensitive=False)()
+            await orm(stored.delete)
             body = {"id": response_id, "object": "response", "deleted": True}
         elif tail:
             items = [{"id": item.get("id") or f"msg_{response_id[5:]}_{i}", **item}

@@ -84,11 +84,11 @@ def scripted(tenants):
 
 
 def close_thread_connections() -> None:
-    """The ORM calls these tests make off the event loop opened connections in executor
-    threads that have ended: collect them now, so the test database can be dropped."""
-    import gc
+    """The ORM calls these tests make off the event loop hold connections in the ORM threads:
+    close them, so the test database can be dropped."""
+    from llm_platform.db import close_connections
 
-    gc.collect()
+    close_connections()
 
 
 async def _principal(secret: str):
