@@ -152,7 +152,8 @@ def main() -> int:
             os.environ["SECRET_KEY"] = chosen["SECRET_KEY"] = _secret_key(data)
         if chosen:
             _write_run_env(run_env, chosen)
-        os.environ.setdefault("DEBUG", "1")
+        # DEBUG stays off (unless the caller sets it): the generated secret is all it needs, and
+        # no client ever sees Django's debug pages.
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
         _say("migrating …")
         _manage("migrate", "--noinput", "-v", "0")
