@@ -249,7 +249,9 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "llm_platform.logs.JsonFormatter"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+    # No upstream credential in any line, whatever a provider echoed (gateway/providers/credentials.py).
+    "filters": {"credentials": {"()": "gateway.providers.credentials.RedactCredentials"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["credentials"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.request": {"level": "ERROR"},
