@@ -257,5 +257,7 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
+        # uvicorn logs an exception that escapes the application with its own handler: filtered here.
+        "uvicorn.error": {"filters": ["credentials"]},
     },
 }
