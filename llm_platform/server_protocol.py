@@ -52,7 +52,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._lingering:
             return  # refused: read and drop until the connection closes
         super().data_received(data)
-        if self._in_head and not self._lingering:
+        if self._in_head and not self._lingering and not self.transport.is_closing():
             # The head is still unfinished: all of this read belongs to it (or to the end of the
             # previous request's body, hence the slack; the exact limit is checked when it ends).
             self._head_bytes += len(data)
