@@ -170,8 +170,9 @@ SESSION_COOKIE_HTTPONLY = True
 # redirect to HTTPS and secure cookies; each has its own variable to override it.
 TLS = env_bool("GW_TLS", False)
 SECURE_SSL_REDIRECT = env_bool("GW_SSL_REDIRECT", TLS)
-# Load balancers probe over plain HTTP: the probes are never redirected.
-SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$"]
+# Load balancers probe over plain HTTP: the probes are never redirected. Nor is the API: its
+# hot paths are not Django's (never redirected), and a redirected POST would lose its body.
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^v1(/|$)"]
 SECURE_HSTS_SECONDS = env_int("GW_HSTS_SECONDS", 31_536_000 if TLS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("GW_HSTS_INCLUDE_SUBDOMAINS", TLS)
 SECURE_HSTS_PRELOAD = env_bool("GW_HSTS_PRELOAD", TLS)

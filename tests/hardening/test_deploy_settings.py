@@ -69,3 +69,8 @@ def test_https_from_the_load_balancer_gets_hsts_and_secure_cookies(tls_server):
 def test_load_balancer_probes_over_plain_http_are_not_redirected(tls_server):
     assert _get(tls_server, "/ready").status == 200
     assert _get(tls_server, "/health").status == 200
+
+
+def test_the_api_is_never_redirected(tls_server):
+    response = _get(tls_server, "/v1/no-such-endpoint")
+    assert response.status == 404 and response.headers["Content-Type"] == "application/json"
