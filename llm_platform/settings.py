@@ -70,6 +70,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "gateway.api.middleware.RequestIdMiddleware",
+    # Under /v1/, any error Django answers itself (400 bad Host, 403 CSRF, 404, 405, 500) in JSON.
+    "gateway.api.middleware.ApiErrorShapeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -175,6 +177,23 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 
+# Production behind TLS (README "In production"): GW_TLS=1 says clients reach the platform over
+# HTTPS, TLS ending at the load balancer, which sets X-Forwarded-Proto. It turns on HSTS, the
+# redirect to HTTPS and secure cookies; each has its own variable to override it.
+TLS = env_bool("GW_TLS", False)
+SECURE_SSL_REDIRECT = env_bool("GW_SSL_REDIRECT", TLS)
+# Load balancers probe over plain HTTP: the probes are never redirected. Nor is the API: its
+# hot paths are not Django's (never redirected), and a redirected POST would lose its body.
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^v1(/|$)"]
+SECURE_HSTS_SECONDS = env_int("GW_HSTS_SECONDS", 31_536_000 if TLS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("GW_HSTS_INCLUDE_SUBDOMAINS", TLS)
+SECURE_HSTS_PRELOAD = env_bool("GW_HSTS_PRELOAD", TLS)
+SESSION_COOKIE_SECURE = env_bool("GW_SECURE_COOKIES", TLS)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Trust the proxy's X-Forwarded-Proto only when one sets it (it must overwrite a client's own).
+if env_bool("GW_TRUST_X_FORWARDED_PROTO", TLS):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
 # --- the gateway's own knobs -------------------------------------------------------------
 GATEWAY = {
     # How long a process trusts its in-memory copy of a key, tier or route table (seconds).
@@ -243,11 +262,15 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "llm_platform.logs.JsonFormatter"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+    # No upstream credential in any line, whatever a provider echoed (gateway/providers/credentials.py).
+    "filters": {"credentials": {"()": "gateway.providers.credentials.RedactCredentials"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["credentials"]}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.request": {"level": "ERROR"},
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
+        # uvicorn logs an exception that escapes the application with its own handler: filtered here.
+        "uvicorn.error": {"filters": ["credentials"]},
     },
 }

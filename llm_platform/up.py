@@ -117,6 +117,13 @@ curl:
 """, flush=True)
 
 
+def server_command(host: str, port: int, workers: str = "1") -> list[str]:
+    """uvicorn with uvloop and httptools, request headers bounded (llm_platform/server_protocol.py)."""
+    return [PY, "-m", "uvicorn", "llm_platform.asgi:application", "--host", host, "--port", str(port),
+            "--workers", workers, "--loop", "uvloop", "--http", "llm_platform.server_protocol:BoundedHttpToolsProtocol",
+            "--no-access-log", "--lifespan", "on", "--timeout-graceful-shutdown", "10"]
+
+
 def main() -> int:
     data = Path(os.environ.get("GW_DATA_DIR", ROOT / ".data")).resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -152,17 +159,15 @@ def main() -> int:
             os.environ["SECRET_KEY"] = chosen["SECRET_KEY"] = _secret_key(data)
         if chosen:
             _write_run_env(run_env, chosen)
-        os.environ.setdefault("DEBUG", "1")
+        # DEBUG stays off (unless the caller sets it): the generated secret is all it needs, and
+        # no client ever sees Django's debug pages.
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llm_platform.settings")
         _say("migrating …")
         _manage("migrate", "--noinput", "-v", "0")
         _manage("load_routes", os.environ.get("GW_ROUTES_FILE", str(ROOT / "config" / "routes.yaml")))
         _bootstrap(host, port)
         workers = os.environ.get("WEB_CONCURRENCY", "1")
-        children.append(subprocess.Popen(
-            [PY, "-m", "uvicorn", "llm_platform.asgi:application", "--host", host, "--port", str(port),
-             "--workers", workers, "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-             "--lifespan", "on", "--timeout-graceful-shutdown", "10"], cwd=ROOT))
+        children.append(subprocess.Popen(server_command(host, port, workers), cwd=ROOT))
         children.append(subprocess.Popen(
             [PY, "-m", "celery", "-A", "llm_platform", "worker", "--loglevel", "WARNING",
              "--concurrency", "2", "--without-gossip", "--without-mingle"], cwd=ROOT))

@@ -11,10 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import openai
+import pytest
 
 from llm_platform.embedded import free_port
 
@@ -70,6 +73,14 @@ def test_run_command_serves_a_demo_key_and_restarts_cleanly():
         streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="local", messages=[{"role": "user", "content": "Hi!"}], stream=True) if c.choices)
         assert streamed == reply.choices[0].message.content
+        # DEBUG is off: an unknown /v1/ URL is OpenAI's JSON error, not Django's debug page.
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.get("/no-such-endpoint", cast_to=object)
+        assert missing.value.body == {"message": "Unknown request URL: /v1/no-such-endpoint. Please check the URL.",
+                                      "type": "invalid_request_error", "param": None, "code": "unknown_url"}
+        with pytest.raises(urllib.error.HTTPError) as page:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/no-such-page", timeout=10)
+        assert page.value.code == 404 and b"URLconf" not in page.value.read()  # no debug page
 
         # The README's next command, typed in another shell while the run command is up.
         issued = manage_in_a_fresh_shell(data, "issue_key", "demo")

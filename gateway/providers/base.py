@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
@@ -14,13 +13,13 @@ from llm_platform.runtime import Runtime
 from ..api.errors import GatewayError
 from ..routing import LaneSpec
 from ..types import ChatRequest, Chunk, Completion, Outcome
-
-_SECRETISH = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+")
+from .credentials import redact, remember_name, remember_value
 
 
 def scrub(text: str, limit: int = 300) -> str:
-    """Provider messages may echo credentials; show at most a key's first characters."""
-    return _SECRETISH.sub(r"\1…", text)[:limit]
+    """Provider text may echo the credential it was sent: every configured one is removed (then
+    the text is cut, so that no cut can leave half a key to escape the match)."""
+    return redact(text)[:limit]
 
 
 class UpstreamError(GatewayError):
@@ -52,6 +51,8 @@ def map_upstream_status(
 ) -> UpstreamError:
     """A provider's HTTP error as what our client should see (never the provider's raw body)."""
     message = scrub(message or "")
+    # The provider's error code reaches the tenant and the usage row: no credential in it either.
+    code = scrub(str(code), 64) if code else None
     if status in (400, 404, 422) and code in ("context_length_exceeded", "string_above_max_length"):
         return UpstreamError(400, message, code="context_length_exceeded", upstream_status=status, type="invalid_request_error")
     if status in (400, 413, 422):
@@ -94,6 +95,7 @@ class Provider(ABC):
     def __init__(self, base_url: str, api_key: str | None) -> None:
         self.base_url = base_url
         self.api_key = api_key
+        remember_value(api_key)  # what its Authorization / x-api-key header carries upstream
 
     @abstractmethod
     async def complete(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> Completion:
@@ -110,6 +112,7 @@ class Provider(ABC):
 def lane_credentials(lane: LaneSpec) -> str | None:
     if not lane.api_key_env:
         return None
+    remember_name(lane.api_key_env)
     value = os.environ.get(lane.api_key_env)
     if not value:
         raise UpstreamError(

@@ -125,21 +125,25 @@ class LocalProvider(Provider):
         pace = self._pace(lane)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": lane.upstream_model, "system_fingerprint": "local"}
+        n = int(req.params.get("n", 1))
 
-        def chunk(delta: dict, finish_reason: str | None = None) -> Chunk:
+        def chunk(delta: dict, finish_reason: str | None = None, index: int = 0) -> Chunk:
             return Chunk(obj={**base, "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
-        yield chunk({"role": "assistant", "content": "", "refusal": None})
+        # `n` choices, as OpenAI streams them: each event carries one choice, told apart by index.
+        for i in range(n):
+            yield chunk({"role": "assistant", "content": "", "refusal": None}, index=i)
         if call:
             if pace:
                 await asyncio.sleep(pace * count)
             outcome.first_token_at = time.perf_counter()
             args = call["function"]["arguments"]
-            yield chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
-                                         "function": {"name": call["function"]["name"], "arguments": ""}}]})
-            for start in range(0, len(args), 16):
-                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[start:start + 16]}}]})
+            for i in range(n):
+                yield chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                             "function": {"name": call["function"]["name"], "arguments": ""}}]}, index=i)
+                for start in range(0, len(args), 16):
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[start:start + 16]}}]}, index=i)
         for piece in pieces:
             if pace:
                 await asyncio.sleep(pace)
@@ -147,9 +151,11 @@ class LocalProvider(Provider):
                 outcome.first_token_at = time.perf_counter()
             if outcome.completion_text_parts is not None:
                 outcome.completion_text_parts.append(piece)
-            yield chunk({"content": piece})
+            for i in range(n):
+                yield chunk({"content": piece}, index=i)
         outcome.finish_reason = finish
-        yield chunk({}, finish)
-        usage = self._usage(lane, req, count, 1)
+        for i in range(n):
+            yield chunk({}, finish, index=i)
+        usage = self._usage(lane, req, count, n)
         outcome.usage = usage
         yield Chunk(obj={**base, "choices": [], "usage": usage.to_openai()}, usage_only=True)

@@ -145,6 +145,7 @@ class OpenAIProvider(Provider):
                 lines = (partial + block).split(b"\n")
                 partial = lines.pop()
                 ready = []
+                failed: UpstreamError | None = None
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue  # blank separators, comments, `event:` lines
@@ -152,10 +153,16 @@ class OpenAIProvider(Provider):
                     if data == b"[DONE]":
                         done = True
                         break
-                    ready.append(self._chunk(data, outcome))
+                    try:
+                        ready.append(self._chunk(data, outcome))
+                    except UpstreamError as exc:
+                        failed = exc  # after the events before it: where reads split must not matter
+                        break
                 for i, chunk in enumerate(ready):
                     chunk.batched = i + 1 < len(ready)
                     yield chunk
+                if failed is not None:
+                    raise failed
                 if done:
                     break
             if done:

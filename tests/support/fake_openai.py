@@ -51,6 +51,22 @@ class FakeOpenAI(FakeServer):
         body = wire.error_body(message, type_, param, code)
         return json_response(body, status=status, headers=headers)
 
+    # A provider that echoes the credential it was sent in its errors (message and code, JSON
+    # and mid-stream), as some do in an "incorrect API key" message. Reset by ``reset()``.
+    echo_key = False
+
+    def reset(self) -> None:
+        super().reset()
+        self.echo_key = False
+
+    @staticmethod
+    def sent_key(request: web.Request) -> str:
+        auth = request.headers.get("Authorization", "")
+        return auth[7:].strip() if auth.startswith("Bearer ") else ""
+
+    def echoed(self, request: web.Request, message: str) -> str:
+        return f"{message} Key used: {self.sent_key(request)}" if self.echo_key else message
+
     def auth_error(self, request: web.Request, headers: dict[str, str]) -> web.Response | None:
         auth = request.headers.get("Authorization", "")
         key = auth[7:].strip() if auth.startswith("Bearer ") else ""
@@ -65,9 +81,11 @@ class FakeOpenAI(FakeServer):
             return self.error(401, "Incorrect API key provided.", headers, code="invalid_api_key")
         return None
 
-    def status_fault(self, faults: Faults, headers: dict[str, str]) -> web.Response:
+    def status_fault(self, faults: Faults, headers: dict[str, str], request: web.Request | None = None) -> web.Response:
         status = faults.status or 500
         message, type_, code = wire.STATUS_ERRORS[status]
+        if self.echo_key and request is not None:
+            message, code = self.echoed(request, message), f"key_{self.sent_key(request)}"
         if status == 429:
             headers["retry-after"] = str(max(1, -(-faults.retry_after_ms // 1000)))
             headers["retry-after-ms"] = str(faults.retry_after_ms)
@@ -115,7 +133,7 @@ class FakeOpenAI(FakeServer):
         if (denied := self.auth_error(request, headers)) is not None:
             return denied
         if faults.status:
-            return self.status_fault(faults, headers)
+            return self.status_fault(faults, headers, request)
         if (problem := wire.validate(body)) is not None:
             message, param, code = problem
             return self.error(400, message, headers, param=param, code=code)
@@ -131,6 +149,9 @@ class FakeOpenAI(FakeServer):
             events = wire.stream_events(
                 cid, created, model, plans, usage if include_usage else None, faults
             )
+            if self.echo_key and faults.stream_error_after is not None:
+                key = self.sent_key(request).encode()
+                events[-1] = events[-1].replace(b'request."', b'request. Key used: ' + key + b'"')
             return await self.send_stream(request, events, faults, headers)
         payload = orjson.dumps(wire.completion(cid, created, model, plans, usage))
         if faults.cut_after is not None:
