@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import orjson
 import redis
@@ -124,11 +125,13 @@ def _read(client: redis.Redis, consumer: str, count: int, block_ms: int | None) 
     return fresh[0][1] if fresh else []
 
 
-def set_aside(client: redis.Redis, payload: bytes, reason: str, request_id: str | None, entry_id: bytes) -> None:
-    """Move a row that cannot be written to the dead-letter stream, for an operator, with why."""
-    log.error("usage row set aside", extra={"request_id": request_id, "entry": entry_id.decode(),
-                                            "error": reason[:200]})
-    client.xadd(DEAD_LETTER, {"row": payload, "error": reason[:500], "entry": entry_id})
+class SetAside(NamedTuple):
+    """An entry that cannot be written, on its way to the dead-letter stream for an operator."""
+
+    entry_id: bytes
+    payload: bytes  # as it came (a row PostgreSQL refused: as parsed)
+    reason: str
+    request_id: str | None
 
 
 # What one bad row raises (a missing tenant, a value out of a column's range), as opposed to
@@ -136,19 +139,21 @@ def set_aside(client: redis.Redis, payload: bytes, reason: str, request_id: str 
 _UNWRITABLE = (IntegrityError, DataError, ValueError, TypeError, ArithmeticError)
 
 
-def _write_or_set_aside(client: redis.Redis, rows: list[tuple[bytes, UsageRow]]) -> None:
+def _write_or_set_aside(rows: list[tuple[bytes, UsageRow]]) -> list[SetAside]:
     """Write the batch; if one row cannot be written (a bad row), write the others and set it
     aside, instead of retrying the batch forever."""
     try:
         write_rows([row for _, row in rows])
-        return
+        return []
     except _UNWRITABLE:
         pass
+    aside = []
     for entry_id, row in rows:
         try:
             write_rows([row])
         except _UNWRITABLE as exc:
-            set_aside(client, row.to_json(), repr(exc), row.request_id, entry_id)
+            aside.append(SetAside(entry_id, row.to_json(), repr(exc), row.request_id))
+    return aside
 
 
 def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | None = 1000) -> int:
@@ -169,7 +174,7 @@ def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | 
         raise
     if not entries:
         return 0
-    ids, rows = [], []
+    ids, rows, aside = [], [], []
     for entry_id, fields in entries:
         ids.append(entry_id)
         payload = fields.get(b"row") if fields else None
@@ -178,17 +183,24 @@ def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | 
         try:
             rows.append((entry_id, UsageRow.from_json(payload)))
         except InvalidRow as exc:
-            set_aside(client, payload, f"not a usage row: {exc}", _request_id_of(payload), entry_id)
+            aside.append(SetAside(entry_id, payload, f"not a usage row: {exc}", _request_id_of(payload)))
     try:
         if rows:
-            _write_or_set_aside(client, rows)
+            aside += _write_or_set_aside(rows)
+        # Dead letters and acknowledgements in one transaction: a batch retried (PostgreSQL or
+        # Redis away) sets nothing aside twice.
+        with client.pipeline(transaction=True) as pipe:
+            for item in aside:
+                pipe.xadd(DEAD_LETTER, {"row": item.payload, "error": item.reason[:500], "entry": item.entry_id})
+            pipe.xack(stream_name(), GROUP, *ids)
+            pipe.xdel(stream_name(), *ids)
+            pipe.execute()
     except Exception:
         _recovered.discard(consumer)  # the batch stays pending: re-read it next time
         raise
-    with client.pipeline(transaction=True) as pipe:
-        pipe.xack(stream_name(), GROUP, *ids)
-        pipe.xdel(stream_name(), *ids)
-        pipe.execute()
+    for item in aside:
+        log.error("usage row set aside", extra={"request_id": item.request_id, "entry": item.entry_id.decode(),
+                                                "error": item.reason[:200]})
     return len(ids)
 
 
