@@ -23,10 +23,11 @@ import socket
 import time
 from pathlib import Path
 
-import orjson
 from django.conf import settings
 
 from llm_platform.resp import get_resp, raise_errors
+
+from .ledger import UsageRow
 
 log = logging.getLogger(__name__)
 _BATCH = 500  # rows per write when sending a spool
@@ -36,13 +37,17 @@ def stream_name() -> str:
     return settings.GATEWAY["USAGE_STREAM"]
 
 
-async def record(row: dict) -> None:
-    payload = orjson.dumps(row, default=str)
+async def record(row: UsageRow | dict) -> None:
+    """Buffer one usage row. A dict is accepted while callers move to UsageRow: it is checked
+    (`UsageRow.from_dict`), and one that is not a whole, well-typed row raises InvalidRow."""
+    if not isinstance(row, UsageRow):
+        row = UsageRow.from_dict(row)
+    payload = row.to_json()
     try:
         raise_errors(await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True))
     except Exception:
         _spool.append(payload)
-        log.error("usage buffer unreachable; row spooled to disk", extra={"request_id": row.get("request_id")})
+        log.error("usage buffer unreachable; row spooled to disk", extra={"request_id": row.request_id})
 
 
 class _Spool:

@@ -4,26 +4,36 @@ Entries move to the consumer group's pending list when read and are acknowledged
 their rows are committed. A writer killed in between leaves them pending: on restart it
 re-reads its own pending entries first, and any writer claims entries left idle by a dead one.
 `request_id` is unique, so a row committed before a crash is never written twice.
+
+Every entry must parse into a `UsageRow` (billing/ledger.py): one with an unknown, missing or
+mistyped field is not written with the field dropped, nor dropped itself: it goes to the
+dead-letter stream with the reason, logged at ERROR, and so does a row PostgreSQL refuses.
+
+Other apps' streams ride along (the gateway's breaker events): an app registers its drain with
+`register_drain` in its `AppConfig.ready()`, so billing imports no other app's code for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import orjson
 import redis
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DataError, IntegrityError, close_old_connections, transaction
 from django.db.models import Q
 
-from gateway.events import drain_breaker_events
 from llm_platform.redis import get_redis, move_stream_to_table
 from tenants.models import ApiKey
 
+from .ledger import InvalidRow, UsageRow
 from .models import UsageRecord
 from .recorder import stream_name
 
@@ -33,7 +43,26 @@ CLAIM_IDLE_MS = 30_000
 CLAIM_EVERY_S = 5.0
 DEAD_LETTER = "gw:usage:dead"
 BATCH = 500  # entries per read (and per transaction)
-FIELDS = {f.name for f in UsageRecord._meta.get_fields() if f.concrete} - {"id", "tenant", "api_key"} | {"tenant_id", "api_key_id"}
+
+# Every field of the row has its column (a field without one would be lost on every row).
+COLUMNS = tuple(f.name for f in dataclasses.fields(UsageRow))
+if unmapped := set(COLUMNS) - {f.attname for f in UsageRecord._meta.concrete_fields}:
+    raise ImproperlyConfigured(f"UsageRow field(s) without a UsageRecord column: {', '.join(sorted(unmapped))}")
+
+_drains: list[Callable[[], int]] = []
+
+
+def register_drain(drain: Callable[[], int]) -> None:
+    """Have the writer also run `drain()` (it moves a batch of some stream into its table and
+    returns how many entries it moved) with every batch, and until it returns 0 in `drain_all`.
+    Called from an app's `AppConfig.ready()`; registering the same function again is a no-op."""
+    if drain not in _drains:
+        _drains.append(drain)
+
+
+def run_drains() -> int:
+    """One round of budget alerts and of every registered drain; how many entries moved."""
+    return drain_alerts() + sum(drain() for drain in _drains)
 
 
 def default_consumer() -> str:
@@ -48,14 +77,14 @@ def ensure_group(client: redis.Redis) -> None:
             raise
 
 
-def to_record(row: dict) -> UsageRecord:
-    data = {k: v for k, v in row.items() if k in FIELDS}
-    data["created_at"] = datetime.fromtimestamp(float(row["created_at"]), tz=UTC)
-    data["cost_usd"] = Decimal(str(row.get("cost_usd") or "0"))
+def to_record(row: UsageRow) -> UsageRecord:
+    """The one place a UsageRow becomes a UsageRecord: field for column, the time as a datetime."""
+    data = {name: getattr(row, name) for name in COLUMNS}
+    data["created_at"] = datetime.fromtimestamp(row.created_at, tz=UTC)
     return UsageRecord(**data)
 
 
-def write_rows(rows: list[dict]) -> int:
+def write_rows(rows: list[UsageRow]) -> int:
     """Insert rows (duplicates ignored) and move keys' last_used_at forward, in one transaction."""
     records = [to_record(row) for row in rows]
     last_used: dict[int, datetime] = {}
@@ -96,20 +125,35 @@ def _read(client: redis.Redis, consumer: str, count: int, block_ms: int | None) 
     return fresh[0][1] if fresh else []
 
 
-def _write_or_set_aside(client: redis.Redis, rows: list[dict]) -> None:
-    """Write the batch; if one row cannot be written (a bad row), write the others and move it
-    to a dead-letter stream for an operator, instead of retrying the batch forever."""
+class SetAside(NamedTuple):
+    """An entry that cannot be written, on its way to the dead-letter stream for an operator."""
+
+    entry_id: bytes
+    payload: bytes  # as it came (a row PostgreSQL refused: as parsed)
+    reason: str
+    request_id: str | None
+
+
+# What one bad row raises (a missing tenant, a value out of a column's range), as opposed to
+# PostgreSQL being away (OperationalError), after which the whole batch is retried.
+_UNWRITABLE = (IntegrityError, DataError, ValueError, TypeError, ArithmeticError)
+
+
+def _write_or_set_aside(rows: list[tuple[bytes, UsageRow]]) -> list[SetAside]:
+    """Write the batch; if one row cannot be written (a bad row), write the others and set it
+    aside, instead of retrying the batch forever."""
     try:
-        write_rows(rows)
-        return
-    except (IntegrityError, DataError, ValueError, TypeError, KeyError):
+        write_rows([row for _, row in rows])
+        return []
+    except _UNWRITABLE:
         pass
-    for row in rows:
+    aside = []
+    for entry_id, row in rows:
         try:
             write_rows([row])
-        except (IntegrityError, DataError, ValueError, TypeError, KeyError) as exc:
-            log.error("usage row set aside", extra={"request_id": row.get("request_id"), "error": repr(exc)[:200]})
-            client.xadd(DEAD_LETTER, {"row": orjson.dumps(row, default=str), "error": repr(exc)[:500]})
+        except _UNWRITABLE as exc:
+            aside.append(SetAside(entry_id, row.to_json(), repr(exc), row.request_id))
+    return aside
 
 
 def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | None = 1000) -> int:
@@ -120,8 +164,7 @@ def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | 
     if not _group_ready:
         ensure_group(client)
         _group_ready = True
-    drain_alerts()
-    drain_breaker_events()
+    run_drains()
     try:
         entries = _read(client, consumer, count, block_ms)
     except redis.ResponseError as exc:
@@ -131,26 +174,33 @@ def drain_once(consumer: str | None = None, count: int = BATCH, block_ms: int | 
         raise
     if not entries:
         return 0
-    ids, rows = [], []
+    ids, rows, aside = [], [], []
     for entry_id, fields in entries:
         ids.append(entry_id)
         payload = fields.get(b"row") if fields else None
         if payload is None:
             continue  # an entry deleted under us: nothing to write
         try:
-            rows.append(orjson.loads(payload))
-        except orjson.JSONDecodeError:
-            log.error("dropping a malformed usage entry", extra={"entry": entry_id.decode()})
+            rows.append((entry_id, UsageRow.from_json(payload)))
+        except InvalidRow as exc:
+            aside.append(SetAside(entry_id, payload, f"not a usage row: {exc}", _request_id_of(payload)))
     try:
         if rows:
-            _write_or_set_aside(client, rows)
+            aside += _write_or_set_aside(rows)
+        # Dead letters and acknowledgements in one transaction: a batch retried (PostgreSQL or
+        # Redis away) sets nothing aside twice.
+        with client.pipeline(transaction=True) as pipe:
+            for item in aside:
+                pipe.xadd(DEAD_LETTER, {"row": item.payload, "error": item.reason[:500], "entry": item.entry_id})
+            pipe.xack(stream_name(), GROUP, *ids)
+            pipe.xdel(stream_name(), *ids)
+            pipe.execute()
     except Exception:
         _recovered.discard(consumer)  # the batch stays pending: re-read it next time
         raise
-    with client.pipeline(transaction=True) as pipe:
-        pipe.xack(stream_name(), GROUP, *ids)
-        pipe.xdel(stream_name(), *ids)
-        pipe.execute()
+    for item in aside:
+        log.error("usage row set aside", extra={"request_id": item.request_id, "entry": item.entry_id.decode(),
+                                                "error": item.reason[:200]})
     return len(ids)
 
 
@@ -195,6 +245,15 @@ def drain_all(consumer: str | None = None) -> int:
     total = 0
     while handled := drain_once(consumer, block_ms=None):
         total += handled
-    while drain_alerts() or drain_breaker_events():
+    while run_drains():
         pass
     return total
+
+
+def _request_id_of(payload: bytes) -> str | None:
+    """The request id of an entry that is not a row, if it can be found (for the log line)."""
+    try:
+        request_id = orjson.loads(payload).get("request_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return request_id if isinstance(request_id, str) else None

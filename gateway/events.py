@@ -1,4 +1,8 @@
-"""Move breaker transitions from their Redis stream into BreakerEvent rows (admin shows them)."""
+"""Move breaker transitions from their Redis stream into BreakerEvent rows (admin shows them).
+
+Run by the usage writer with its batches: `GatewayConfig.ready` registers `drain_breaker_events`
+(`billing.writer.register_drain`), so billing needs no import of the gateway.
+"""
 
 from __future__ import annotations
 

@@ -9,11 +9,13 @@ import signal
 import socket
 import threading
 import time
+from decimal import Decimal
 
 import redis as redis_lib
 from django.conf import settings
 
 from billing import recorder
+from billing.ledger import UsageRow
 from llm_platform.embedded import EmbeddedRedis
 from tests.conftest import Server
 from tests.gateway.test_limits import slow_stream
@@ -26,6 +28,15 @@ def stream_ids(url: str) -> set[str]:
 
 def spooled(folder) -> list[str]:
     return [line for path in folder.rglob("*.jsonl") for line in path.read_text().splitlines()]
+
+
+def usage_row(request_id: str) -> UsageRow:
+    return UsageRow(
+        request_id=request_id, provider_request_id="", created_at=time.time(), tenant_id=1, api_key_id=None,
+        key_prefix="", provider="local", model="local", upstream_model="local", prompt_tokens=1,
+        completion_tokens=1, cached_tokens=0, cache_creation_tokens=0, cost_usd=Decimal(0), ttft_ms=None,
+        latency_ms=1.0, finish_reason="stop", http_status=200, error_code="", stream=False, partial=False,
+        retries=0, end_user="", feature="", front_door="rest", prompt=None, completion="")
 
 
 def wait_for(check, seconds: float, what: str):
@@ -86,14 +97,14 @@ def test_spooled_rows_are_made_durable_once_a_second_off_the_event_loop(monkeypa
 
     async def outage() -> list[list[tuple[str, bool]]]:
         seen = []
-        await recorder.record({"request_id": "r1"})
-        await recorder.record({"request_id": "r2"})
+        await recorder.record(usage_row("r1"))
+        await recorder.record(usage_row("r2"))
         seen.append(list(synced))  # written to the page cache, not yet synced
         await recorder.flush_pending()  # the once-a-second round: sync, then try Redis
         seen.append(list(synced))
         await recorder.flush_pending()  # nothing new: no fsync
         seen.append(list(synced))
-        await recorder.record({"request_id": "r3"})
+        await recorder.record(usage_row("r3"))
         await recorder.flush_pending()
         seen.append(list(synced))
         return seen

@@ -99,13 +99,14 @@ def test_killed_writer_process_loses_no_row_and_writes_none_twice(tenants):
 def test_last_used_at_only_moves_forward(tenants):
     from datetime import datetime
 
+    from billing.ledger import UsageRow
     from billing.writer import write_rows
 
     tenant, key, _ = tenants.make()
     later, earlier = row(tenant, key, f"a-{uuid.uuid4().hex}"), row(tenant, key, f"b-{uuid.uuid4().hex}")
     earlier["created_at"] = later["created_at"] - 100
-    write_rows([later])
-    write_rows([earlier])
+    write_rows([UsageRow.from_dict(later)])
+    write_rows([UsageRow.from_dict(earlier)])
     key.refresh_from_db()
     assert key.last_used_at == datetime.fromtimestamp(later["created_at"], tz=UTC)
 

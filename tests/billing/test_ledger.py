@@ -1,0 +1,133 @@
+"""The usage row as a typed record: refused when it does not fit, kept whole from the chat
+service through the Redis stream to the ledger table."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import orjson
+import pytest
+from django.conf import settings
+
+from billing import recorder
+from billing.ledger import InvalidRow, UsageRow
+from billing.models import UsageRecord
+from billing.writer import DEAD_LETTER, drain_all
+from llm_platform.redis import get_redis
+
+
+def fields(**changes) -> dict:
+    """A whole row with no field at its column's default, so a field lost on the way shows."""
+    return {
+        "request_id": f"ledger-{uuid.uuid4().hex}", "provider_request_id": "chatcmpl-up-7",
+        "created_at": time.time(), "tenant_id": 1, "api_key_id": None, "key_prefix": "sk-gw-ab12",
+        "provider": "openai-compatible", "model": "public-name", "upstream_model": "gpt-4o-mini-2024",
+        "prompt_tokens": 1_000_003, "completion_tokens": 333, "cached_tokens": 1000, "cache_creation_tokens": 7,
+        "cost_usd": Decimal("0.150425783"),  # to the nano-dollar
+        "ttft_ms": 12.345, "latency_ms": 678.901, "finish_reason": "length", "http_status": 499,
+        "error_code": "client_disconnected", "stream": True, "partial": True, "retries": 2,
+        "end_user": "user-ß-42", "feature": "summarize", "front_door": "websocket",
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo \u2603"}],
+        "completion": "Bonjour \u2603, line one\nline two",
+        **changes,
+    }
+
+
+def test_a_row_with_an_unknown_field_is_refused():
+    with pytest.raises(TypeError, match="prompt_version"):
+        UsageRow(**fields(prompt_version="v3"))
+    with pytest.raises(InvalidRow, match="unknown field.*prompt_version"):
+        UsageRow.from_json(orjson.dumps(fields(prompt_version="v3"), default=str))
+    with pytest.raises(InvalidRow, match="unknown field.*prompt_version"):  # a caller still sending a dict
+        asyncio.run(recorder.record(fields(prompt_version="v3")))
+
+
+def test_a_row_missing_a_field_is_refused():
+    incomplete = fields()
+    del incomplete["feature"]
+    with pytest.raises(TypeError, match="feature"):
+        UsageRow(**incomplete)
+    with pytest.raises(InvalidRow, match="missing field.*feature"):
+        UsageRow.from_json(orjson.dumps(incomplete, default=str))
+
+
+def test_a_row_with_a_value_of_the_wrong_type_is_refused_where_it_is_read_back():
+    assert UsageRow.from_json(UsageRow(**fields()).to_json()).cost_usd == Decimal("0.150425783")
+    for name, value, reason in [("cost_usd", 0.15, "cost_usd: expected a decimal string, got float"),
+                                ("cost_usd", "NaN", "cost_usd: not a finite amount"),
+                                ("tenant_id", "1", "tenant_id: expected an integer, got str"),
+                                ("stream", 1, "stream: expected a boolean, got int")]:
+        with pytest.raises(InvalidRow, match=reason):
+            UsageRow.from_json(orjson.dumps(fields(**{name: value}), default=str))
+
+
+def test_a_row_cannot_gain_an_attribute_after_it_is_made():
+    row = UsageRow(**fields())
+    with pytest.raises(AttributeError):
+        row.prompt_version = "v3"
+
+
+def test_a_stream_entry_that_is_not_a_row_is_dead_lettered_with_its_reason_and_logged(tenants, caplog):
+    tenant, key, _ = tenants.make()
+    good = fields(tenant_id=tenant.pk, api_key_id=key.pk)
+    unknown = fields(tenant_id=tenant.pk, api_key_id=key.pk, prompt_version="v3")
+    missing = fields(tenant_id=tenant.pk)
+    del missing["http_status"]
+    stream, client = settings.GATEWAY["USAGE_STREAM"], get_redis()
+    payloads = [orjson.dumps(unknown, default=str), orjson.dumps(missing, default=str), b"{not json",
+                UsageRow(**good).to_json()]
+    entries = [client.xadd(stream, {"row": payload}) for payload in payloads]
+    dead_before = client.xrange(DEAD_LETTER)[-1][0] if client.xlen(DEAD_LETTER) else b"0-0"
+    with caplog.at_level(logging.ERROR, logger="billing.writer"):
+        drain_all("test-writer")
+    mine = set(entries)  # the stream may hold other tests' entries: look at ours only
+    dead = [(entry_id, fields_) for entry_id, fields_ in client.xrange(DEAD_LETTER, min=b"(" + dead_before)
+            if fields_.get(b"entry") in mine]
+    try:
+        assert UsageRecord.objects.filter(request_id=good["request_id"]).exists()  # the rest of the batch
+        assert not UsageRecord.objects.filter(request_id__in=[unknown["request_id"], missing["request_id"]]).exists()
+        set_aside = {f[b"entry"]: f for _, f in dead}
+        assert set(set_aside) == set(entries[:3])
+        assert set_aside[entries[0]][b"row"] == payloads[0]  # kept as it came, for an operator to replay
+        assert b"unknown field(s): prompt_version" in set_aside[entries[0]][b"error"]
+        assert b"missing field(s): http_status" in set_aside[entries[1]][b"error"]
+        assert b"not JSON" in set_aside[entries[2]][b"error"]
+        logged = {r.entry: r for r in caplog.records
+                  if r.levelno == logging.ERROR and r.getMessage() == "usage row set aside" and r.entry.encode() in mine}
+        assert set(logged) == {entry.decode() for entry in entries[:3]}
+        assert [logged[entry.decode()].request_id for entry in entries[:3]] == [
+            unknown["request_id"], missing["request_id"], None]
+        assert all(client.xrange(stream, min=entry, max=entry) == [] for entry in entries)  # not retried forever
+    finally:
+        if dead:
+            client.xdel(DEAD_LETTER, *(entry_id for entry_id, _ in dead))
+
+
+def test_a_row_recorded_comes_out_of_the_ledger_with_every_field(tenants):
+    """UsageRow -> recorder -> Redis stream -> writer -> UsageRecord, field for field."""
+    tenant, key, _ = tenants.make()
+    row = UsageRow(**fields(tenant_id=tenant.pk, api_key_id=key.pk))
+    asyncio.run(recorder.record(row))
+    drain_all("test-writer")
+    stored = UsageRecord.objects.get(request_id=row.request_id)
+    for field in dataclasses.fields(UsageRow):
+        expected = getattr(row, field.name)
+        if field.name == "created_at":
+            expected = datetime.fromtimestamp(expected, tz=UTC)
+        assert getattr(stored, field.name) == expected, field.name
+    assert stored.cost_usd == Decimal("0.150425783")
+    stored.delete()
+
+
+def test_a_dict_still_recorded_by_a_caller_not_yet_moved_is_checked_and_written(tenants):
+    tenant, key, _ = tenants.make()
+    row = fields(tenant_id=tenant.pk, api_key_id=key.pk, cost_usd="0.000000001")  # ChatCall.row: str(cost)
+    asyncio.run(recorder.record(row))
+    drain_all("test-writer")
+    assert UsageRecord.objects.get(request_id=row["request_id"]).cost_usd == Decimal("0.000000001")
