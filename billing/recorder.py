@@ -37,11 +37,8 @@ def stream_name() -> str:
     return settings.GATEWAY["USAGE_STREAM"]
 
 
-async def record(row: UsageRow | dict) -> None:
-    """Buffer one usage row. A dict is accepted while callers move to UsageRow: it is checked
-    (`UsageRow.from_dict`), and one that is not a whole, well-typed row raises InvalidRow."""
-    if not isinstance(row, UsageRow):
-        row = UsageRow.from_dict(row)
+async def record(row: UsageRow) -> None:
+    """Buffer one usage row."""
     payload = row.to_json()
     try:
         raise_errors(await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True))

@@ -23,6 +23,7 @@ from decimal import Decimal
 import redis.exceptions
 from django.conf import settings
 
+from billing.ledger import UsageRow
 from billing.pricing import cost_usd
 from billing.recorder import record
 from tenants.principal import Principal
@@ -90,7 +91,7 @@ class ChatCall:
         self._first_ticket: resilience.Ticket | resilience.Unavailable | None = None
         self._reports: list[ScriptCall] = []
         self._called = False  # a provider call was started
-        self._settlement: tuple[asyncio.Future | None, dict] | None = None  # submitted: its reply, the row
+        self._settlement: tuple[asyncio.Future | None, UsageRow] | None = None  # submitted: its reply, the row
         self.schema = schema_of(req)
 
     def preflight(self) -> None:
@@ -405,40 +406,40 @@ class ChatCall:
         text = "".join(self.outcome.completion_text_parts or ())
         return Usage(prompt_tokens=prompt, completion_tokens=count_text(text, self.lane.upstream_model))
 
-    def row(self, usage: Usage, cost: Decimal) -> dict:
+    def row(self, usage: Usage, cost: Decimal) -> UsageRow:
         lane = self.lane
         now = time.perf_counter()
         first = self.outcome.first_token_at
         store = self.principal.store_content
-        return {
-            "request_id": self.ctx.request_id,
-            "provider_request_id": self.outcome.provider_request_id or "",
-            "created_at": self.ctx.started_wall,
-            "tenant_id": self.principal.tenant_id,
-            "api_key_id": self.principal.key_id,
-            "key_prefix": self.principal.key_prefix,
-            "provider": lane.provider,
-            "model": self.req.model,
-            "upstream_model": self.outcome.upstream_model or lane.upstream_model,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "cached_tokens": usage.cached_tokens,
-            "cache_creation_tokens": usage.cache_creation_tokens,
-            "cost_usd": str(cost),
-            "ttft_ms": round((first - self.ctx.started) * 1000, 3) if first else None,
-            "latency_ms": round((now - self.ctx.started) * 1000, 3),
-            "finish_reason": self.outcome.finish_reason or "",
-            "http_status": self.status,
-            "error_code": self.error_code or "",
-            "stream": self.req.stream,
-            "partial": self.partial,
-            "retries": self.retries,
-            "end_user": self.req.user or "",
-            "feature": self.req.feature or "",
-            "front_door": self.ctx.front_door,
-            "prompt": self.req.messages if store else None,
-            "completion": "".join(self.outcome.completion_text_parts or ()) if store else "",
-        }
+        return UsageRow(
+            request_id=self.ctx.request_id,
+            provider_request_id=self.outcome.provider_request_id or "",
+            created_at=self.ctx.started_wall,
+            tenant_id=self.principal.tenant_id,
+            api_key_id=self.principal.key_id,
+            key_prefix=self.principal.key_prefix,
+            provider=lane.provider,
+            model=self.req.model,
+            upstream_model=self.outcome.upstream_model or lane.upstream_model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            cache_creation_tokens=usage.cache_creation_tokens,
+            cost_usd=cost,
+            ttft_ms=round((first - self.ctx.started) * 1000, 3) if first else None,
+            latency_ms=round((now - self.ctx.started) * 1000, 3),
+            finish_reason=self.outcome.finish_reason or "",
+            http_status=self.status,
+            error_code=self.error_code or "",
+            stream=self.req.stream,
+            partial=self.partial,
+            retries=self.retries,
+            end_user=self.req.user or "",
+            feature=self.req.feature or "",
+            front_door=self.ctx.front_door,
+            prompt=self.req.messages if store else None,
+            completion="".join(self.outcome.completion_text_parts or ()) if store else "",
+        )
 
     def release_slot_first(self) -> None:
         """The provider is done and the answer is about to end: if this request's slot must be
@@ -447,7 +448,7 @@ class ChatCall:
         if self.admission is not None and self.admission.release_first and self._settlement is None:
             self._settlement = self._submit_settlement(at_once=True)
 
-    def _submit_settlement(self, at_once: bool = False) -> tuple[asyncio.Future | None, dict]:
+    def _submit_settlement(self, at_once: bool = False) -> tuple[asyncio.Future | None, UsageRow]:
         """Log the call and submit its settlement (None if it could not be prepared); the row."""
         journal.closed(self)
         usage = self.usage()
@@ -457,7 +458,7 @@ class ChatCall:
         row = self.row(usage, cost)
         log.info(
             "chat call",
-            extra={k: row[k] for k in ("request_id", "tenant_id", "key_prefix", "model", "provider",
+            extra={k: getattr(row, k) for k in ("request_id", "tenant_id", "key_prefix", "model", "provider",
                                         "http_status", "error_code", "latency_ms", "prompt_tokens",
                                         "completion_tokens", "stream", "partial")},
         )
@@ -470,7 +471,7 @@ class ChatCall:
                                         defer=not at_once, at_once=at_once)
             except Exception:  # a bug must not cost the row: record it alone; the slot expires
                 log.exception("could not prepare settlement; recording the usage row alone",
-                              extra={"request_id": row["request_id"]})
+                              extra={"request_id": row.request_id})
         return settled, row
 
     async def settle(self) -> None:
@@ -483,13 +484,13 @@ class ChatCall:
             try:
                 await run_scripts(self._reports, defer=True)
             except (redis.exceptions.RedisError, OSError):
-                log.warning("lane reports lost", extra={"request_id": row["request_id"]})
+                log.warning("lane reports lost", extra={"request_id": row.request_id})
         if settled is not None:
             try:
                 await settled
                 return
             except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
-                log.warning("settlement failed; usage row kept for later", extra={"request_id": row["request_id"]})
+                log.warning("settlement failed; usage row kept for later", extra={"request_id": row.request_id})
         await record(row)
 
 

@@ -26,6 +26,7 @@ from decimal import Decimal
 import orjson
 from django.conf import settings
 
+from billing.ledger import UsageRow
 from billing.pricing import cost_usd
 from billing.recorder import record
 from llm_platform.resp import get_resp
@@ -119,20 +120,19 @@ async def reap(limit: int = 500) -> int:
         except (orjson.JSONDecodeError, ValueError, TypeError, IndexError) as exc:
             log.error("unreadable call journal entry dropped: %s", exc)
             continue
-        log.warning("call lost with its process; recording what is known", extra={"request_id": row["request_id"]})
+        log.warning("call lost with its process; recording what is known", extra={"request_id": row.request_id})
         await record(row)
     return len(members or ())
 
 
-def _lost_row(entry: list) -> dict:
+def _lost_row(entry: list) -> UsageRow:
     (_, request_id, created_at, tenant_id, key_id, key_prefix, provider, model, upstream_model, prompt_tokens,
      streamed, stream, end_user, feature, front_door, price_in, price_out) = entry
     cost = cost_usd(Decimal(price_in), Decimal(price_out), Decimal(0), prompt_tokens, streamed, 0, 0)
-    return {"request_id": request_id, "provider_request_id": "", "created_at": created_at, "tenant_id": tenant_id,
-            "api_key_id": key_id, "key_prefix": key_prefix, "provider": provider, "model": model,
-            "upstream_model": upstream_model, "prompt_tokens": prompt_tokens, "completion_tokens": streamed,
-            "cached_tokens": 0, "cache_creation_tokens": 0, "cost_usd": str(cost), "ttft_ms": None,
-            "latency_ms": round(max(0.0, time.time() - created_at) * 1000, 3),  # at least this long
-            "finish_reason": "", "http_status": LOST_STATUS, "error_code": LOST_CODE,
-            "stream": stream, "partial": True, "retries": 0, "end_user": end_user, "feature": feature,
-            "front_door": front_door, "prompt": None, "completion": ""}
+    return UsageRow(
+        request_id=request_id, provider_request_id="", created_at=created_at, tenant_id=tenant_id,
+        api_key_id=key_id, key_prefix=key_prefix, provider=provider, model=model, upstream_model=upstream_model,
+        prompt_tokens=prompt_tokens, completion_tokens=streamed, cached_tokens=0, cache_creation_tokens=0,
+        cost_usd=cost, ttft_ms=None, latency_ms=round(max(0.0, time.time() - created_at) * 1000, 3),  # at least
+        finish_reason="", http_status=LOST_STATUS, error_code=LOST_CODE, stream=stream, partial=True, retries=0,
+        end_user=end_user, feature=feature, front_door=front_door, prompt=None, completion="")

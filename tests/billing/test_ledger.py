@@ -44,8 +44,6 @@ def test_a_row_with_an_unknown_field_is_refused():
         UsageRow(**fields(prompt_version="v3"))
     with pytest.raises(InvalidRow, match="unknown field.*prompt_version"):
         UsageRow.from_json(orjson.dumps(fields(prompt_version="v3"), default=str))
-    with pytest.raises(InvalidRow, match="unknown field.*prompt_version"):  # a caller still sending a dict
-        asyncio.run(recorder.record(fields(prompt_version="v3")))
 
 
 def test_a_row_missing_a_field_is_refused():
@@ -65,12 +63,6 @@ def test_a_row_with_a_value_of_the_wrong_type_is_refused_where_it_is_read_back()
                                 ("stream", 1, "stream: expected a boolean, got int")]:
         with pytest.raises(InvalidRow, match=reason):
             UsageRow.from_json(orjson.dumps(fields(**{name: value}), default=str))
-
-
-def test_a_row_cannot_gain_an_attribute_after_it_is_made():
-    row = UsageRow(**fields())
-    with pytest.raises(AttributeError):
-        row.prompt_version = "v3"
 
 
 def test_a_stream_entry_that_is_not_a_row_is_dead_lettered_with_its_reason_and_logged(tenants, caplog):
@@ -123,11 +115,3 @@ def test_a_row_recorded_comes_out_of_the_ledger_with_every_field(tenants):
         assert getattr(stored, field.name) == expected, field.name
     assert stored.cost_usd == Decimal("0.150425783")
     stored.delete()
-
-
-def test_a_dict_still_recorded_by_a_caller_not_yet_moved_is_checked_and_written(tenants):
-    tenant, key, _ = tenants.make()
-    row = fields(tenant_id=tenant.pk, api_key_id=key.pk, cost_usd="0.000000001")  # ChatCall.row: str(cost)
-    asyncio.run(recorder.record(row))
-    drain_all("test-writer")
-    assert UsageRecord.objects.get(request_id=row["request_id"]).cost_usd == Decimal("0.000000001")

@@ -68,5 +68,5 @@ def test_a_lost_call_is_priced_at_its_lane_prices_for_what_was_seen():
     entry = [1, "req_1", time.time() - 2, 7, 9, "sk-gw-abc", "openai", "gpt", "gpt-x", 1000, 10, True, "u", "f",
              "openai", "1.00", "2.00"]
     row = journal._lost_row(entry)
-    assert Decimal(row["cost_usd"]) == Decimal("0.00102")  # 1000 in at $1/M + 10 out at $2/M
-    assert row["latency_ms"] >= 2000 and row["error_code"] == "worker_lost" and row["partial"]
+    assert row.cost_usd == Decimal("0.00102")  # 1000 in at $1/M + 10 out at $2/M
+    assert row.latency_ms >= 2000 and row.error_code == "worker_lost" and row.partial
