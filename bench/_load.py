@@ -60,6 +60,7 @@ class Result:
     redis_cpu: float | None = None  # Redis's CPU seconds inside the window (every client's work)
     client_busy: float | None = None  # busy seconds of the client core (load, upstream, writer) inside the window
     by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds inside the window, by process role
+    slices: list[tuple[float, int, float]] = field(default_factory=list)  # run_interleaved: (seconds, answers, p50) per measured slice
 
     @property
     def rps(self) -> float:
@@ -269,6 +270,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
     if begin[4] is not None and end[4] is not None:
         result.client_busy = (result.client_busy or 0.0) + end[4] - begin[4]
     _add_roles(result.by_role, target.pid, begin[5], end[5])
+    result.slices.append((end[0] - begin[0], len(inside), percentile([w[1] for w in inside], 50)))
 
 
 async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,
@@ -337,6 +339,7 @@ def merge(parts: list[Result]) -> Result:
             out.redis_cpu = (out.redis_cpu or 0.0) + r.redis_cpu
         if r.client_busy is not None:
             out.client_busy = (out.client_busy or 0.0) + r.client_busy
+        out.slices += r.slices
         for role, seconds in r.by_role.items():
             out.by_role[role] = out.by_role.get(role, 0.0) + seconds
     return out

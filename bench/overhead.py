@@ -29,7 +29,9 @@ a clean tree is the A/A run: what two identical trees differ by is the noise flo
 from __future__ import annotations
 
 import argparse
+import math
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -278,35 +280,75 @@ def judge(before: Result, after: Result) -> tuple[float, float, bool]:
     return ratio, delta, ratio >= BASELINE_TARGETS["rps_ratio"] and delta <= BASELINE_TARGETS["p50_ms"]
 
 
+def noise(befores: list[Result], afters: list[Result]) -> tuple[float, float]:
+    """Half-widths (~95%, 2 standard errors) of after/before req/s and of Δp50, from the pairs
+    of adjacent slices (one turn of the alternation: before then after, or after then before)."""
+    ratios, deltas = [], []
+    for b, a in zip(befores, afters, strict=True):
+        for (tb, nb, pb), (ta, na, pa) in zip(b.slices, a.slices, strict=False):
+            if nb and na:
+                ratios.append((na / ta) / (nb / tb))
+                deltas.append(pa - pb)
+
+    def half_width(values: list[float]) -> float:
+        return 2 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 3 else float("nan")
+
+    return half_width(ratios), half_width(deltas)
+
+
 def print_baseline_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, int], dict[str, Result]]:
     merged = {cell: {side: merge(runs[side, *cell]) for side in SIDES} for cell in cells}
-    columns = [("mode", 10), ("c", 3), ("req/s before", 12), ("req/s after", 11), ("after/before", 12),
-               ("p50 before", 10), ("p50 after", 9), ("Δp50", 6), ("Δp50 by round", 20), ("p99 before", 10),
+    columns = [("mode", 10), ("c", 3), ("req/s before", 12), ("req/s after", 11), ("after/before", 12), ("±", 5),
+               ("p50 before", 10), ("p50 after", 9), ("Δp50", 6), ("±", 5), ("Δp50 by round", 20), ("p99 before", 10),
                ("p99 after", 9), ("CPU ms/req before", 17), ("after", 5), ("core0 other b/a", 15), ("verdict", 7)]
     rows = []
     for cell in cells:
         before, after = merged[cell]["before"], merged[cell]["after"]
         ratio, delta, ok = judge(before, after)
+        ratio_hw, delta_hw = noise(runs["before", *cell], runs["after", *cell])
         by_round = [p50(a) - p50(b) for b, a in zip(runs["before", *cell], runs["after", *cell], strict=True)]
         rows.append([
-            mode(cell[0]), str(cell[1]), fmt(before.rps, 0), fmt(after.rps, 0), fmt(ratio, 3),
-            fmt(p50(before), 2), fmt(p50(after), 2), f"{delta:+.2f}", " ".join(f"{d:+.2f}" for d in by_round),
+            mode(cell[0]), str(cell[1]), fmt(before.rps, 0), fmt(after.rps, 0), fmt(ratio, 3), fmt(ratio_hw, 3),
+            fmt(p50(before), 2), fmt(p50(after), 2), f"{delta:+.2f}", fmt(delta_hw, 2),
+            " ".join(f"{d:+.2f}" for d in by_round),
             fmt(p99(before), 2), fmt(p99(after), 2), fmt(cpu_per_req(before), 3), fmt(cpu_per_req(after), 3),
             f"{core_other(before)} / {core_other(after)}", verdict(ok),
         ])
     table(columns, rows)
-    print("(latencies in ms; Δ = after - before; req/s for streams = complete 20-chunk streams per second)")
+    print("(latencies in ms; Δ = after - before; ± = ~95% noise of the figure to its left, 2 standard errors of "
+          "the differences between adjacent before/after slices; req/s for streams = complete 20-chunk streams "
+          "per second)")
     return merged
 
 
-def print_baseline_targets(merged: dict, same_code: bool) -> None:
+def pm(half_width: float, digits: int) -> str:
+    return "" if half_width != half_width else f" ±{half_width:.{digits}f}"
+
+
+def resolution(ok: bool, ratio: float, ratio_hw: float, delta: float, delta_hw: float) -> str:
+    """Whether this run's noise lets the verdict stand."""
+    t = BASELINE_TARGETS
+    if ratio_hw != ratio_hw or delta_hw != delta_hw:
+        return "too few slices to estimate the noise"
+    if ok:
+        if ratio - ratio_hw >= t["rps_ratio"] and delta + delta_hw <= t["p50_ms"]:
+            return "the noise interval is inside the targets"
+        return "but the noise interval reaches past a target: a regression that size is not excluded"
+    if ratio + ratio_hw < t["rps_ratio"] or delta - delta_hw > t["p50_ms"]:
+        return "beyond this run's noise"
+    return "within this run's noise: not resolved"
+
+
+def print_baseline_targets(merged: dict, runs: dict, same_code: bool) -> None:
     t = BASELINE_TARGETS
     print(f"\nTargets (issue 19: no regression beyond noise; after against before, platform on one core): "
           f"after/before req/s >= {t['rps_ratio']:.2f}, Δp50 <= +{t['p50_ms']:.1f} ms")
     for (stream, c), sides in merged.items():
         ratio, delta, ok = judge(sides["before"], sides["after"])
-        print(f"  {verdict(ok)}  {mode(stream)} c={c}: req/s {ratio:.3f} ({sides['after'].rps:,.0f} vs "
-              f"{sides['before'].rps:,.0f}), p50 {delta:+.2f} ms ({p50(sides['after']):.2f} vs {p50(sides['before']):.2f})")
+        ratio_hw, delta_hw = noise(runs["before", stream, c], runs["after", stream, c])
+        print(f"  {verdict(ok)}  {mode(stream)} c={c}: req/s {ratio:.3f}{pm(ratio_hw, 3)} ({sides['after'].rps:,.0f} vs "
+              f"{sides['before'].rps:,.0f}), p50 {delta:+.2f}{pm(delta_hw, 2)} ms ({p50(sides['after']):.2f} vs "
+              f"{p50(sides['before']):.2f}); {resolution(ok, ratio, ratio_hw, delta, delta_hw)}")
     pooled = {side: [s[side] for s in merged.values()] for side in SIDES}
     cpu = {side: sum(r.cpu or 0 for r in rs) * 1000 / max(1, sum(r.ok for r in rs)) for side, rs in pooled.items()}
     print(f"  info  platform CPU per answer, all cells pooled: before {cpu['before']:.3f} ms, after "
@@ -330,30 +372,36 @@ def measure_baseline(bench: Bench, args: argparse.Namespace) -> int:
     sides = {"before": (base, bench.prepare(routes, side=base) if own_db else key), "after": ({}, key)}
     bench.start_writer()
     bench.start_writer(base, label="before")
-    per_round = args.duration / args.rounds
+    # An even number of turns per round (b a | a b | …): each side gets as many slices right after
+    # the other side's as right after its own (a switch costs the incoming process its caches).
+    turns = max(2, math.ceil(args.duration / args.rounds / args.slice - 1e-9))
+    turns += turns % 2
+    per_round = turns * args.slice
+    args.duration = per_round * args.rounds
     runs: dict[tuple, list[Result]] = {(side, *cell): [] for side in SIDES for cell in args.cells}
     plats_seen: dict[str, list[Platform]] = {side: [] for side in SIDES}
     for r in range(args.rounds):
+        order = SIDES if r % 2 == 0 else SIDES[::-1]  # which side starts first and leads each turn alternates by round
         plats = {side: bench.start_platform(sides[side][0], label=side, server=args.server, key=sides[side][1])
-                 for side in (SIDES if r % 2 == 0 else SIDES[::-1])}
+                 for side in order}
         for side in SIDES:
             plats_seen[side].append(plats[side])
         say(f"round {r + 1}/{args.rounds}: before pid {plats['before'].pid}, after pid {plats['after'].pid} on core "
             f"{bench.platform_cpu}; {len(args.cells)} cells of {args.warmup:g} s warm-up + {per_round:g} s per side, "
             f"in {args.slice:g} s slices")
-        targets = [Target(side, plats[side].chat_url, ROUTE, sides[side][1], pid=plats[side].pid) for side in SIDES]
+        targets = [Target(side, plats[side].chat_url, ROUTE, sides[side][1], pid=plats[side].pid) for side in order]
 
-        async def cells(targets=targets, plats=plats, r=r) -> None:
+        async def cells(targets=targets, plats=plats, r=r, order=order) -> None:
             for stream, c in args.cells:
                 bench.quiet()
                 spies = [bench.profile(args.profile, plats[side], f"{side}-r{r + 1}-{mode(stream)}-c{c}")
                          for side in SIDES]
-                results = await run_interleaved(targets, stream, c, args.warmup, per_round, bench.platform_cpu,
-                                                args.slice)
+                results = await run_interleaved(targets, stream, c, args.warmup, per_round - args.slice / 2,
+                                                bench.platform_cpu, args.slice)
                 for spy in spies:
                     bench.end_profile(spy)
                 bench.check_alive()
-                for side, result in zip(SIDES, results, strict=True):
+                for side, result in zip(order, results, strict=True):
                     runs[side, stream, c].append(result)
 
         bench.run(cells)
@@ -398,7 +446,7 @@ def measure_baseline(bench: Bench, args: argparse.Namespace) -> int:
             bad_usage.append(f"{rows:,} usage rows for {expected:,} good answers ({who}): every answer must have "
                              f"exactly one")
     print(f"{bench.quiet_wait_s:.1f} s spent waiting for the usage writers to catch up before cells")
-    print_baseline_targets(merged, same_code)
+    print_baseline_targets(merged, runs, same_code)
     bad = print_problems([merge(v) for v in runs.values()], label=lambda r: f"{r.target:6s}")
     for text in bad_usage:
         print(f"WARNING: {text}")
