@@ -60,7 +60,8 @@ class Result:
     redis_cpu: float | None = None  # Redis's CPU seconds inside the window (every client's work)
     client_busy: float | None = None  # busy seconds of the client core (load, upstream, writer) inside the window
     by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds inside the window, by process role
-    slices: list[tuple[float, int, float]] = field(default_factory=list)  # run_interleaved: (seconds, answers, p50) per measured slice
+    # run_interleaved: (seconds, answers, p50, target's CPU seconds or None) per measured slice
+    slices: list[tuple[float, int, float, float | None]] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
@@ -260,6 +261,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
     result.ok += len(inside)
     result.latencies += [w[1] for w in inside]
     result.ttfts += [w[2] for w in inside if w[2] is not None]
+    cpu = None
     if begin[1] is not None and end[1] is not None:
         cpu = end[1] - begin[1]
         result.cpu = (result.cpu or 0.0) + cpu
@@ -270,7 +272,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
     if begin[4] is not None and end[4] is not None:
         result.client_busy = (result.client_busy or 0.0) + end[4] - begin[4]
     _add_roles(result.by_role, target.pid, begin[5], end[5])
-    result.slices.append((end[0] - begin[0], len(inside), percentile([w[1] for w in inside], 50)))
+    result.slices.append((end[0] - begin[0], len(inside), percentile([w[1] for w in inside], 50), cpu))
 
 
 async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,

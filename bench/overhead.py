@@ -280,44 +280,61 @@ def judge(before: Result, after: Result) -> tuple[float, float, bool]:
     return ratio, delta, ratio >= BASELINE_TARGETS["rps_ratio"] and delta <= BASELINE_TARGETS["p50_ms"]
 
 
-def noise(befores: list[Result], afters: list[Result]) -> tuple[float, float]:
-    """Half-widths (~95%, 2 standard errors) of after/before req/s and of Δp50, from the pairs
-    of adjacent slices (one turn of the alternation: before then after, or after then before)."""
-    ratios, deltas = [], []
+# Student's t, two-sided 95%, by degrees of freedom (few slice pairs: wider than 2 standard errors)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+       15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
+
+
+def noise(befores: list[Result], afters: list[Result]) -> tuple[float, float, float]:
+    """Half-widths of the ~95% intervals of after/before req/s, of Δp50 and of after/before CPU
+    per answer, from the pairs of adjacent slices (one turn of the alternation): t x standard error."""
+    ratios, deltas, cpus = [], [], []
     for b, a in zip(befores, afters, strict=True):
-        for (tb, nb, pb), (ta, na, pa) in zip(b.slices, a.slices, strict=False):
+        for (tb, nb, pb, cb), (ta, na, pa, ca) in zip(b.slices, a.slices, strict=False):
             if nb and na:
                 ratios.append((na / ta) / (nb / tb))
                 deltas.append(pa - pb)
+                if cb and ca:
+                    cpus.append((ca / na) / (cb / nb))
 
     def half_width(values: list[float]) -> float:
-        return 2 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) >= 3 else float("nan")
+        if len(values) < 3:
+            return float("nan")
+        t = next((v for df, v in T95.items() if df >= len(values) - 1), 1.96)
+        return t * statistics.stdev(values) / math.sqrt(len(values))
 
-    return half_width(ratios), half_width(deltas)
+    return half_width(ratios), half_width(deltas), half_width(cpus)
+
+
+def cpu_ratio(before: Result, after: Result) -> float:
+    b, a = cpu_per_req(before), cpu_per_req(after)
+    return a / b if a and b else float("nan")
 
 
 def print_baseline_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, int], dict[str, Result]]:
     merged = {cell: {side: merge(runs[side, *cell]) for side in SIDES} for cell in cells}
     columns = [("mode", 10), ("c", 3), ("req/s before", 12), ("req/s after", 11), ("after/before", 12), ("±", 5),
                ("p50 before", 10), ("p50 after", 9), ("Δp50", 6), ("±", 5), ("Δp50 by round", 20), ("p99 before", 10),
-               ("p99 after", 9), ("CPU ms/req before", 17), ("after", 5), ("core0 other b/a", 15), ("verdict", 7)]
+               ("p99 after", 9), ("CPU ms/req before", 17), ("after", 5), ("after/before", 12), ("±", 5),
+               ("core0 other b/a", 15), ("verdict", 7)]
     rows = []
     for cell in cells:
         before, after = merged[cell]["before"], merged[cell]["after"]
         ratio, delta, ok = judge(before, after)
-        ratio_hw, delta_hw = noise(runs["before", *cell], runs["after", *cell])
+        ratio_hw, delta_hw, cpu_hw = noise(runs["before", *cell], runs["after", *cell])
         by_round = [p50(a) - p50(b) for b, a in zip(runs["before", *cell], runs["after", *cell], strict=True)]
         rows.append([
             mode(cell[0]), str(cell[1]), fmt(before.rps, 0), fmt(after.rps, 0), fmt(ratio, 3), fmt(ratio_hw, 3),
             fmt(p50(before), 2), fmt(p50(after), 2), f"{delta:+.2f}", fmt(delta_hw, 2),
             " ".join(f"{d:+.2f}" for d in by_round),
             fmt(p99(before), 2), fmt(p99(after), 2), fmt(cpu_per_req(before), 3), fmt(cpu_per_req(after), 3),
+            fmt(cpu_ratio(before, after), 3), fmt(cpu_hw, 3),
             f"{core_other(before)} / {core_other(after)}", verdict(ok),
         ])
     table(columns, rows)
-    print("(latencies in ms; Δ = after - before; ± = ~95% noise of the figure to its left, 2 standard errors of "
-          "the differences between adjacent before/after slices; req/s for streams = complete 20-chunk streams "
-          "per second)")
+    print("(latencies in ms; Δ = after - before; the second after/before is the platform's CPU per answer; ± = ~95% "
+          "noise of the figure to its left: t x standard error of the differences between adjacent before/after "
+          "slices; req/s for streams = complete 20-chunk streams per second)")
     return merged
 
 
@@ -345,10 +362,11 @@ def print_baseline_targets(merged: dict, runs: dict, same_code: bool) -> None:
           f"after/before req/s >= {t['rps_ratio']:.2f}, Δp50 <= +{t['p50_ms']:.1f} ms")
     for (stream, c), sides in merged.items():
         ratio, delta, ok = judge(sides["before"], sides["after"])
-        ratio_hw, delta_hw = noise(runs["before", stream, c], runs["after", stream, c])
+        ratio_hw, delta_hw, cpu_hw = noise(runs["before", stream, c], runs["after", stream, c])
         print(f"  {verdict(ok)}  {mode(stream)} c={c}: req/s {ratio:.3f}{pm(ratio_hw, 3)} ({sides['after'].rps:,.0f} vs "
               f"{sides['before'].rps:,.0f}), p50 {delta:+.2f}{pm(delta_hw, 2)} ms ({p50(sides['after']):.2f} vs "
-              f"{p50(sides['before']):.2f}); {resolution(ok, ratio, ratio_hw, delta, delta_hw)}")
+              f"{p50(sides['before']):.2f}); {resolution(ok, ratio, ratio_hw, delta, delta_hw)}; CPU per answer "
+              f"{cpu_ratio(sides['before'], sides['after']):.3f}{pm(cpu_hw, 3)}")
     pooled = {side: [s[side] for s in merged.values()] for side in SIDES}
     cpu = {side: sum(r.cpu or 0 for r in rs) * 1000 / max(1, sum(r.ok for r in rs)) for side, rs in pooled.items()}
     print(f"  info  platform CPU per answer, all cells pooled: before {cpu['before']:.3f} ms, after "
