@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from bench import _load
 from bench._load import CHUNKS, first_request
@@ -193,7 +194,7 @@ class Bench:
         `side` (from `side_services`), the same in that side's database with its checkout's code."""
         env = {**self.env, **(side or {})}
         tree = env.pop(SIDE_TREE, None)
-        database = env["DATABASE_URL"].rsplit("/", 1)[-1]
+        database = urlparse(env["DATABASE_URL"]).path.strip("/")
         say(f"migrating {database}{f' with {tree}' if tree else ''}, loading the routes, creating the tenant "
             f"and its key …")
         manage(env, "migrate", "--noinput", "-v", "0", tree=tree)
