@@ -371,6 +371,8 @@ def print_baseline_targets(merged: dict, runs: dict, same_code: bool) -> None:
     cpu = {side: sum(r.cpu or 0 for r in rs) * 1000 / max(1, sum(r.ok for r in rs)) for side, rs in pooled.items()}
     print(f"  info  platform CPU per answer, all cells pooled: before {cpu['before']:.3f} ms, after "
           f"{cpu['after']:.3f} ms ({cpu['after'] - cpu['before']:+.3f} ms, the figure least moved by other work)")
+    print("  info  the ± intervals hold the noise between adjacent slices only, not drift slower than a turn (other "
+          "work on the machine coming and going): an A/A run (--baseline HEAD) shows what is left")
     if same_code:
         print("  info  A/A: both sides run the same code, so every difference above is the harness's noise floor")
 
