@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from bench import _load
 from bench._load import CHUNKS, first_request
@@ -39,12 +40,15 @@ from bench._stack import (
     TIER,
     UNLIMITED_FLAGS,
     UNLIMITED_TIER,
+    Busy,
     Processes,
     Services,
     base_env,
+    checkout,
     choose_cpus,
     cpu_seconds,
     drain_usage,
+    imported_from,
     manage,
     pids_named,
     platform_command,
@@ -63,10 +67,6 @@ LOCK_FILES = (Path(tempfile.gettempdir()) / "gw-bench.lock", Path(tempfile.gette
 
 
 SIDE_TREE = "_TREE"  # in a side's settings: the checkout its platform process runs from (default: this one)
-
-
-class Busy(RuntimeError):
-    pass
 
 
 @dataclass
@@ -100,6 +100,8 @@ class Bench:
         self.client_cpu: int | None = None
         self.platform_logs: list[Path] = []
         self.writer: subprocess.Popen | None = None
+        self.writer_logs: list[Path] = []
+        self._streams: list[str] = []  # Redis URLs of the usage streams the writers drain
         self.quiet_wait_s = 0.0  # spent waiting for the usage writer between cells
         self._locks: list = []
         self._scratch: Path | None = None
@@ -161,8 +163,7 @@ class Bench:
                 self.procs.stop_all()
             if self.services is not None:
                 with contextlib.suppress(Exception):
-                    if self.services.redis_url:
-                        self.services.flush_redis()
+                    self.services.release_redis()
                 self.services.stop()
             if self._scratch is not None:
                 shutil.rmtree(self._scratch, ignore_errors=True)
@@ -188,27 +189,63 @@ class Bench:
         self.roles[upstream.pid] = "fake upstream"
         return f"http://{HOST}:{wait_for_port_line(upstream)}/v1"
 
-    def prepare(self, routes_yaml: str, limit_flags: tuple[str, ...] = UNLIMITED_FLAGS) -> str:
-        """Migrate gw_bench, load the routes, create the tenant with these limits; its key."""
-        say(f"migrating {DB_NAME}, loading the routes, creating the tenant and its key …")
-        manage(self.env, "migrate", "--noinput", "-v", "0")
-        routes_file = self._scratch / "routes.yaml"
+    def prepare(self, routes_yaml: str, limit_flags: tuple[str, ...] = UNLIMITED_FLAGS, side: dict | None = None) -> str:
+        """Migrate gw_bench, load the routes, create the tenant with these limits; its key. With
+        `side` (from `side_services`), the same in that side's database with its checkout's code."""
+        env = {**self.env, **(side or {})}
+        tree = env.pop(SIDE_TREE, None)
+        database = urlparse(env["DATABASE_URL"]).path.strip("/")
+        say(f"migrating {database}{f' with {tree}' if tree else ''}, loading the routes, creating the tenant "
+            f"and its key …")
+        manage(env, "migrate", "--noinput", "-v", "0", tree=tree)
+        routes_file = self._scratch / f"routes-{database}.yaml"
         routes_file.write_text(routes_yaml)
-        manage(self.env, "load_routes", str(routes_file))
-        manage(self.env, "create_tenant", TENANT, "--name", "Benchmark tenant", "--tier", TIER)
+        manage(env, "load_routes", str(routes_file), tree=tree)
+        manage(env, "create_tenant", TENANT, "--name", "Benchmark tenant", "--tier", TIER, tree=tree)
         try:
-            manage(self.env, "set_limits", TENANT, *limit_flags)
+            manage(env, "set_limits", TENANT, *limit_flags, tree=tree)
         except RuntimeError as exc:
             if "Unknown command" not in str(exc) or limit_flags is not UNLIMITED_FLAGS:
                 raise
-            manage(self.env, "shell", "-c", UNLIMITED_TIER.format(tier=TIER))
-        return manage(self.env, "issue_key", TENANT, "--name", "bench", "--quiet").strip().splitlines()[-1]
+            manage(env, "shell", "-c", UNLIMITED_TIER.format(tier=TIER), tree=tree)
+        return manage(env, "issue_key", TENANT, "--name", "bench", "--quiet", tree=tree).strip().splitlines()[-1]
 
-    def start_writer(self) -> subprocess.Popen:
-        self.writer = self.procs.start("usage_writer", [PY, "manage.py", "usage_writer", "--consumer", "bench-writer"],
-                                       self.env, self.client_cpu)
-        self.roles[self.writer.pid] = "usage writer"
-        return self.writer
+    def start_writer(self, side: dict | None = None, label: str = "") -> subprocess.Popen:
+        """The usage writer (of `side`'s checkout, on its Redis database, with `side`); the first
+        one started is `self.writer`."""
+        env = {**self.env, **(side or {})}
+        tree = env.pop(SIDE_TREE, None)
+        name = f"usage_writer{'-' + label if label else ''}"
+        writer = self.procs.start(name, [PY, "manage.py", "usage_writer", "--consumer", "bench-writer"],
+                                  env, self.client_cpu, cwd=tree)
+        self.roles[writer.pid] = "usage writer"
+        self.writer = self.writer or writer
+        self.writer_logs.append(self.logs / f"{name}.log")
+        self._streams.append(env["REDIS_URL"])
+        return writer
+
+    def checkout(self, ref: str) -> tuple[Path, str]:
+        """Commit `ref`'s files in the run's temporary folder (removed with it, however the run
+        ends); (the folder, the full hash). Fails if the platform would not be imported from it."""
+        tree = self._scratch / "baseline"
+        commit = checkout(ref, tree)
+        found = imported_from(tree, self.env)
+        if found != tree.resolve():
+            raise RuntimeError(f"a process started in {tree} imports the platform from {found}, not from the "
+                               f"checkout (PYTHONPATH or an installed copy?)")
+        return tree, commit
+
+    def side_services(self, tree: Path, own_database: str | None) -> dict:
+        """Settings of a platform side that runs the code in `tree`: its own Redis database
+        (another code's keys, scripts and usage stream never meet this tree's), and with
+        `own_database` its own PostgreSQL database (for a different schema)."""
+        db = self.services.claim_redis(list(range(REDIS_DB - 1, 0, -1)))
+        if db is None:
+            raise Busy("no free Redis database for the baseline: test runs claim every one")
+        side = {SIDE_TREE: str(tree), "REDIS_URL": self.services.redis_db(db)}
+        if own_database:
+            side["DATABASE_URL"] = self.services.fresh_database(own_database)
+        return side
 
     def start_platform(self, extra_env: dict | None = None, label: str = "platform", server: str = "uvicorn",
                        key: str | None = None, model: str | None = None) -> Platform:
@@ -257,10 +294,12 @@ class Bench:
             return asyncio.run(coroutine_fn())
         return uvloop.run(coroutine_fn())
 
-    def usage(self) -> tuple[int, int, int, str]:
-        """After the load: (left in the stream, pending, rows written, their total cost)."""
-        left, pending = drain_usage(self.services.redis_url)
-        rows, cost = usage_rows(self.services.database_url)
+    def usage(self, side: dict | None = None) -> tuple[int, int, int, str]:
+        """After the load: (left in the stream, pending, rows written, their total cost), of
+        `side`'s stream and database when given."""
+        env = {**self.env, **(side or {})}
+        left, pending = drain_usage(env["REDIS_URL"])
+        rows, cost = usage_rows(env["DATABASE_URL"])
         return left, pending, rows, cost
 
     def quiet(self, timeout: float = 20) -> None:
@@ -268,7 +307,8 @@ class Bench:
         the load generator's core and lags at high rates), so that no cell inherits another's
         backlog: the sides of a comparison start alike."""
         started = time.monotonic()
-        drain_usage(self.services.redis_url, timeout=timeout, poll=0.05)
+        for url in self._streams or [self.services.redis_url]:
+            drain_usage(url, timeout=timeout, poll=0.05)
         self.quiet_wait_s += time.monotonic() - started
 
     def profile(self, folder: str | None, plat: Platform, name: str) -> subprocess.Popen | None:

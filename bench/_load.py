@@ -60,6 +60,8 @@ class Result:
     redis_cpu: float | None = None  # Redis's CPU seconds inside the window (every client's work)
     client_busy: float | None = None  # busy seconds of the client core (load, upstream, writer) inside the window
     by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds inside the window, by process role
+    # run_interleaved: (seconds, answers, p50, target's CPU seconds or None) per measured slice
+    slices: list[tuple[float, int, float, float | None]] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
@@ -259,6 +261,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
     result.ok += len(inside)
     result.latencies += [w[1] for w in inside]
     result.ttfts += [w[2] for w in inside if w[2] is not None]
+    cpu = None
     if begin[1] is not None and end[1] is not None:
         cpu = end[1] - begin[1]
         result.cpu = (result.cpu or 0.0) + cpu
@@ -269,6 +272,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
     if begin[4] is not None and end[4] is not None:
         result.client_busy = (result.client_busy or 0.0) + end[4] - begin[4]
     _add_roles(result.by_role, target.pid, begin[5], end[5])
+    result.slices.append((end[0] - begin[0], len(inside), percentile([w[1] for w in inside], 50), cpu))
 
 
 async def run_interleaved(targets: list[Target], stream: bool, concurrency: int, warmup: float, duration: float,
@@ -337,6 +341,7 @@ def merge(parts: list[Result]) -> Result:
             out.redis_cpu = (out.redis_cpu or 0.0) + r.redis_cpu
         if r.client_busy is not None:
             out.client_busy = (out.client_busy or 0.0) + r.client_busy
+        out.slices += r.slices
         for role, seconds in r.by_role.items():
             out.by_role[role] = out.by_role.get(role, 0.0) + seconds
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import secrets
 import select
@@ -29,7 +30,9 @@ from llm_platform.embedded import EmbeddedPostgres, EmbeddedRedis, port_open  # 
 PY = sys.executable
 HOST = "127.0.0.1"
 DB_NAME = "gw_bench"
-REDIS_DB = 15  # test runs take 9-14 (llm_platform/testrun.py: 9 + pid % 6)
+REDIS_DB = 15  # claimed like a test run's (CLAIM_KEY), so that test runs skip it
+CLAIM_KEY = "gw:testrun:db:%d"  # llm_platform/testrun.py: a Redis database claimed in db 0 with SET NX
+CLAIM_SECONDS = 3 * 3600
 TENANT = "bench"
 TIER = "bench-unlimited"
 ROUTE = "bench"
@@ -41,6 +44,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def say(text: str) -> None:
     print(f"[bench] {text}", flush=True)
+
+
+class Busy(RuntimeError):
+    """Another run holds what this one needs (the bench lock, the bench's Redis database)."""
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -112,6 +119,16 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
@@ -178,6 +195,9 @@ class Services:
         self.database_url = ""
         self.redis_url = ""
         self.where: list[str] = []
+        self._base_db = ""
+        self._base_redis = ""
+        self.claimed: list[int] = []  # Redis databases this run claimed, released (flushed) by release_redis
 
     def start(self) -> None:
         base_db = None if self.force_embedded else os.environ.get("DATABASE_URL")
@@ -204,19 +224,47 @@ class Services:
             self.embedded.append(rd)
             base_redis = rd.start()
             self.where.append(f"embedded Redis on port {rd.port}")
-        self.database_url = with_path(base_db, "/" + DB_NAME)
+        self._base_db, self._base_redis = base_db, base_redis
+        if self.claim_redis([REDIS_DB]) is None:
+            raise Busy(f"Redis db {REDIS_DB} is claimed by a running test run ({CLAIM_KEY % REDIS_DB} in db 0)")
+        self.database_url = self.fresh_database(DB_NAME)
         self.redis_url = redis_db_url(base_redis, REDIS_DB)
-        self._fresh_database(with_path(base_db, "/postgres"))
         self.flush_redis()
 
-    def _fresh_database(self, admin_url: str) -> None:
+    def fresh_database(self, name: str) -> str:
+        """Drop and create database `name` on the run's PostgreSQL; its URL (left in place at the end)."""
         import psycopg
         from psycopg import sql
 
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
-            name = sql.Identifier(DB_NAME)
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        with psycopg.connect(with_path(self._base_db, "/postgres"), autocommit=True, connect_timeout=10) as conn:
+            ident = sql.Identifier(name)
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+        return with_path(self._base_db, "/" + name)
+
+    def claim_redis(self, candidates: list[int]) -> int | None:
+        """The first of `candidates` this run can claim the way test runs do (SET NX in db 0, so
+        that they skip it), flushed; a claim left by a process that is gone is taken over."""
+        import redis
+
+        control = redis.Redis.from_url(redis_db_url(self._base_redis, 0), socket_timeout=5)
+        try:
+            for db in candidates:
+                key = CLAIM_KEY % db
+                if not control.set(key, os.getpid(), nx=True, ex=CLAIM_SECONDS):
+                    holder = control.get(key) or b""
+                    if not holder.isdigit() or pid_alive(int(holder)):
+                        continue
+                    control.set(key, os.getpid(), ex=CLAIM_SECONDS)  # its run died before its clean-up
+                self.claimed.append(db)
+                redis.Redis.from_url(redis_db_url(self._base_redis, db), socket_timeout=5).flushdb()
+                return db
+        finally:
+            control.close()
+        return None
+
+    def redis_db(self, db: int) -> str:
+        return redis_db_url(self._base_redis, db)
 
     def flush_redis(self) -> None:
         import redis
@@ -226,6 +274,21 @@ class Services:
             client.flushdb()
         finally:
             client.close()
+
+    def release_redis(self) -> None:
+        """Flush every database this run claimed and give up its claims."""
+        import redis
+
+        control = redis.Redis.from_url(redis_db_url(self._base_redis, 0), socket_timeout=5)
+        try:
+            for db in self.claimed:
+                with contextlib.suppress(Exception):
+                    redis.Redis.from_url(redis_db_url(self._base_redis, db), socket_timeout=5).flushdb()
+                    if control.get(CLAIM_KEY % db) == str(os.getpid()).encode():
+                        control.delete(CLAIM_KEY % db)
+        finally:
+            control.close()
+            self.claimed.clear()
 
     def stop(self) -> None:
         for server in reversed(self.embedded):
@@ -263,8 +326,9 @@ tier.save()
 """
 
 
-def manage(env: dict, *args: str, timeout: float = 180) -> str:
-    result = subprocess.run([PY, "manage.py", *args], cwd=ROOT, env=env, text=True,
+def manage(env: dict, *args: str, timeout: float = 180, tree: Path | None = None) -> str:
+    """`manage.py` of this checkout, or of `tree` (another one)."""
+    result = subprocess.run([PY, "manage.py", *args], cwd=tree or ROOT, env=env, text=True,
                             capture_output=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"manage.py {' '.join(args[:2])} failed ({result.returncode}):\n"
@@ -321,6 +385,44 @@ def tree_state() -> str:
     if not head:
         return "not a git checkout"
     return f"commit {head}" + (" + uncommitted changes" if dirty.strip() else "")
+
+
+def checkout(ref: str, into: Path) -> str:
+    """The files of commit `ref` (anything `git rev-parse` takes: a hash, HEAD~1, a branch)
+    extracted into `into` (`git archive`: no worktree to unregister, the folder is all there
+    is to remove); returns the full hash."""
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=30)
+    if found.returncode != 0:
+        raise ValueError(f"--baseline {ref}: not a commit of this repository")
+    commit = found.stdout.strip()
+    into.mkdir(parents=True)
+    archive = subprocess.Popen(["git", "archive", "--format=tar", commit], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        untar = subprocess.run(["tar", "-x", "-C", str(into)], stdin=archive.stdout, capture_output=True, timeout=120)
+    finally:
+        archive.stdout.close()
+        archive.wait(timeout=30)
+    if archive.returncode != 0 or untar.returncode != 0:
+        raise RuntimeError(f"git archive {commit[:10]} | tar -x failed: {untar.stderr.decode(errors='replace')[-500:]}")
+    if not (into / "llm_platform" / "asgi.py").is_file():
+        raise ValueError(f"--baseline {ref}: commit {commit[:10]} has no llm_platform/asgi.py")
+    return commit
+
+
+def migrations(tree: Path) -> dict[str, str]:
+    """{path: digest} of the migration files of a checkout: two trees with equal maps have the same schema."""
+    return {str(path.relative_to(tree)): hashlib.sha1(path.read_bytes()).hexdigest()
+            for path in sorted(tree.glob("*/migrations/*.py"))}
+
+
+def imported_from(tree: Path, env: dict) -> Path:
+    """Where a process started in `tree` imports the platform from (the same interpreter and env)."""
+    found = subprocess.run([PY, "-c", "import llm_platform; print(llm_platform.__file__)"], cwd=tree, env=env,
+                           capture_output=True, text=True, timeout=60)
+    if found.returncode != 0:
+        raise RuntimeError(f"cannot import llm_platform in {tree}: {found.stderr[-1000:]}")
+    return Path(found.stdout.strip()).resolve().parent.parent
 
 
 def choose_cpus() -> tuple[int | None, int | None]:

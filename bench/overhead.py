@@ -3,6 +3,7 @@ through the platform, closed-loop, on one core each; prints one table and the ta
 
     .venv/bin/python bench/overhead.py [--duration 5] [--concurrency 1,8,32]
                                         [--server uvicorn|daphne] [--quick]
+                                        [--baseline REF [--rounds 2] [--slice 0.5]]
 
 What runs (bench/README.md has the details and the meaning of each column):
 - PostgreSQL and Redis: DATABASE_URL / REDIS_URL if set, else the machine's on their default
@@ -15,24 +16,48 @@ What runs (bench/README.md has the details and the meaning of each column):
 Everything started here is stopped on exit, also on Ctrl-C, SIGTERM or an error; the whole run
 is bounded by an alarm. Only loopback addresses are used. bench/_stack.py starts the stack,
 bench/_load.py sends the load.
+
+With --baseline REF (a commit, HEAD~1, a branch) there is no direct path: commit REF is
+extracted into the run's temporary folder and each round starts two platform processes on the
+platform core, `before` from that checkout and `after` from this working tree; in every cell
+the load alternates between them in slices (before after | after before | …), as in
+bench/limits.py, and the table gives both sides, after/before req/s, the p50 difference and a
+verdict against issue 19's targets (within 3% req/s, within 0.1 ms p50). `--baseline HEAD` on
+a clean tree is the A/A run: what two identical trees differ by is the noise floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import Bench, run_bench  # noqa: E402
-from bench._load import CHUNKS, Result, Target, first_request, percentile, run_phase  # noqa: E402
+from bench._harness import Bench, Platform, run_bench  # noqa: E402
+from bench._load import (  # noqa: E402
+    CHUNKS,
+    Result,
+    Target,
+    first_request,
+    merge,
+    percentile,
+    run_interleaved,
+    run_phase,
+)
 from bench._report import (  # noqa: E402
+    core_other,
+    cpu_per_req,
     fmt,
     gw_note,
     header,
     log_problems,
+    p50,
+    p99,
     print_problems,
     table,
     verdict,
@@ -41,18 +66,25 @@ from bench._report import (  # noqa: E402
 from bench._stack import (  # noqa: E402
     DB_NAME,
     REDIS_DB,
+    ROOT,
     ROUTE,
     ROUTES_YAML,
     UPSTREAM_KEY,
     UPSTREAM_KEY_ENV,
     UPSTREAM_MODEL,
     cpu_seconds,
+    migrations,
     say,
     start_profile,
+    tree_state,
     vm_hwm_mib,
 )
 
 TARGETS = {"rps": 400.0, "streams": 300.0, "added_p50_ms": 2.0, "rss_mib": 150.0}
+# --baseline: issue 19's "no regression beyond noise", after (this tree) against before (REF)
+BASELINE_TARGETS = {"rps_ratio": 0.97, "p50_ms": 0.1}
+SIDES = ("before", "after")
+BASELINE_DB = DB_NAME + "_base"  # REF's own database, when its migrations differ from this tree's
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -128,6 +160,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="record the platform with py-spy (if installed) during each platform cell, as "
                              "collapsed stacks in DIR (figures are then slightly lower)")
+    parser.add_argument("--baseline", metavar="REF", default=None,
+                        help="compare this working tree (after) with commit REF (before: HEAD~1, a hash, a branch), "
+                             "checked out in a temporary folder, in alternating slices; no direct path")
+    parser.add_argument("--baseline-db", choices=("auto", "shared", "own"), default="auto",
+                        help=f"with --baseline: REF's PostgreSQL database: {DB_NAME} shared with this tree, or its "
+                             f"own {BASELINE_DB}; auto = own when REF's migration files differ (default)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --baseline: rounds, each with a fresh pair of processes; --duration is split "
+                             "over them (default 2)")
+    parser.add_argument("--slice", type=float, default=0.5,
+                        help="with --baseline: seconds of load on one side before switching (default 0.5)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.concurrency = 1.0, "1,8"
@@ -139,12 +182,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--concurrency takes integers, e.g. 1,8,32")
     if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("need concurrency >= 1, duration > 0, warmup >= 0")
+    if args.rounds < 1 or not 0.05 <= args.slice <= 2:
+        parser.error("need rounds >= 1 and a slice of 0.05 to 2 s (a turn must stay under uvicorn's 5 s keep-alive)")
+    args.cells = [(stream, c) for stream in (False, True) for c in args.levels]
     return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     cells = len(args.levels) * 2 * 2
+    if args.baseline is not None:
+        measured = cells * (args.rounds * (args.warmup + args.slice) + args.duration + 10)
+        return run_bench(300 + args.rounds * 90 + measured * 1.5, args.embedded, measure_baseline, args)
     budget = 300 + cells * (args.warmup + args.duration + 15)
     return run_bench(budget, args.embedded, measure, args)
 
@@ -216,6 +265,221 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
     log_problems(bench.platform_logs, "The platform")
     log_problems([bench.logs / "usage_writer.log"], "The usage writer")
     return 1 if bad else 0
+
+
+# -- --baseline REF: before and after in one run ----------------------------------------------
+
+def mode(stream: bool) -> str:
+    return "stream" if stream else "non-stream"
+
+
+def judge(before: Result, after: Result) -> tuple[float, float, bool]:
+    """(after/before req/s, after - before p50 in ms, within the targets)."""
+    ratio = after.rps / before.rps if before.rps else float("nan")
+    delta = p50(after) - p50(before)
+    return ratio, delta, ratio >= BASELINE_TARGETS["rps_ratio"] and delta <= BASELINE_TARGETS["p50_ms"]
+
+
+# Student's t, two-sided 95%, by degrees of freedom (few slice pairs: wider than 2 standard errors)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+       15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
+
+
+def noise(befores: list[Result], afters: list[Result]) -> tuple[float, float, float]:
+    """Half-widths of the ~95% intervals of after/before req/s, of Δp50 and of after/before CPU
+    per answer, from the pairs of adjacent slices (one turn of the alternation): t x standard error."""
+    ratios, deltas, cpus = [], [], []
+    for b, a in zip(befores, afters, strict=True):
+        for (tb, nb, pb, cb), (ta, na, pa, ca) in zip(b.slices, a.slices, strict=False):
+            if nb and na:
+                ratios.append((na / ta) / (nb / tb))
+                deltas.append(pa - pb)
+                if cb and ca:
+                    cpus.append((ca / na) / (cb / nb))
+
+    def half_width(values: list[float]) -> float:
+        if len(values) < 3:
+            return float("nan")
+        t = next((v for df, v in T95.items() if df >= len(values) - 1), 1.96)
+        return t * statistics.stdev(values) / math.sqrt(len(values))
+
+    return half_width(ratios), half_width(deltas), half_width(cpus)
+
+
+def cpu_ratio(before: Result, after: Result) -> float:
+    b, a = cpu_per_req(before), cpu_per_req(after)
+    return a / b if a and b else float("nan")
+
+
+def print_baseline_table(cells: list[tuple[bool, int]], runs: dict) -> dict[tuple[bool, int], dict[str, Result]]:
+    merged = {cell: {side: merge(runs[side, *cell]) for side in SIDES} for cell in cells}
+    columns = [("mode", 10), ("c", 3), ("req/s before", 12), ("req/s after", 11), ("after/before", 12), ("±", 5),
+               ("p50 before", 10), ("p50 after", 9), ("Δp50", 6), ("±", 5), ("Δp50 by round", 20), ("p99 before", 10),
+               ("p99 after", 9), ("CPU ms/req before", 17), ("after", 5), ("after/before", 12), ("±", 5),
+               ("core0 other b/a", 15), ("verdict", 7)]
+    rows = []
+    for cell in cells:
+        before, after = merged[cell]["before"], merged[cell]["after"]
+        ratio, delta, ok = judge(before, after)
+        ratio_hw, delta_hw, cpu_hw = noise(runs["before", *cell], runs["after", *cell])
+        by_round = [p50(a) - p50(b) for b, a in zip(runs["before", *cell], runs["after", *cell], strict=True)]
+        rows.append([
+            mode(cell[0]), str(cell[1]), fmt(before.rps, 0), fmt(after.rps, 0), fmt(ratio, 3), fmt(ratio_hw, 3),
+            fmt(p50(before), 2), fmt(p50(after), 2), f"{delta:+.2f}", fmt(delta_hw, 2),
+            " ".join(f"{d:+.2f}" for d in by_round),
+            fmt(p99(before), 2), fmt(p99(after), 2), fmt(cpu_per_req(before), 3), fmt(cpu_per_req(after), 3),
+            fmt(cpu_ratio(before, after), 3), fmt(cpu_hw, 3),
+            f"{core_other(before)} / {core_other(after)}", verdict(ok),
+        ])
+    table(columns, rows)
+    print("(latencies in ms; Δ = after - before; the second after/before is the platform's CPU per answer; ± = ~95% "
+          "noise of the figure to its left: t x standard error of the differences between adjacent before/after "
+          "slices; req/s for streams = complete 20-chunk streams per second)")
+    return merged
+
+
+def pm(half_width: float, digits: int) -> str:
+    return "" if half_width != half_width else f" ±{half_width:.{digits}f}"
+
+
+def resolution(ok: bool, ratio: float, ratio_hw: float, delta: float, delta_hw: float) -> str:
+    """Whether this run's noise lets the verdict stand."""
+    t = BASELINE_TARGETS
+    if ratio_hw != ratio_hw or delta_hw != delta_hw:
+        return "too few slices to estimate the noise"
+    if ok:
+        if ratio - ratio_hw >= t["rps_ratio"] and delta + delta_hw <= t["p50_ms"]:
+            return "the noise interval is inside the targets"
+        return "but the noise interval reaches past a target: a regression that size is not excluded"
+    if ratio + ratio_hw < t["rps_ratio"] or delta - delta_hw > t["p50_ms"]:
+        return "beyond this run's noise"
+    return "within this run's noise: not resolved"
+
+
+def print_baseline_targets(merged: dict, runs: dict, same_code: bool) -> None:
+    t = BASELINE_TARGETS
+    print(f"\nTargets (issue 19: no regression beyond noise; after against before, platform on one core): "
+          f"after/before req/s >= {t['rps_ratio']:.2f}, Δp50 <= +{t['p50_ms']:.1f} ms")
+    for (stream, c), sides in merged.items():
+        ratio, delta, ok = judge(sides["before"], sides["after"])
+        ratio_hw, delta_hw, cpu_hw = noise(runs["before", stream, c], runs["after", stream, c])
+        print(f"  {verdict(ok)}  {mode(stream)} c={c}: req/s {ratio:.3f}{pm(ratio_hw, 3)} ({sides['after'].rps:,.0f} vs "
+              f"{sides['before'].rps:,.0f}), p50 {delta:+.2f}{pm(delta_hw, 2)} ms ({p50(sides['after']):.2f} vs "
+              f"{p50(sides['before']):.2f}); {resolution(ok, ratio, ratio_hw, delta, delta_hw)}; CPU per answer "
+              f"{cpu_ratio(sides['before'], sides['after']):.3f}{pm(cpu_hw, 3)}")
+    pooled = {side: [s[side] for s in merged.values()] for side in SIDES}
+    cpu = {side: sum(r.cpu or 0 for r in rs) * 1000 / max(1, sum(r.ok for r in rs)) for side, rs in pooled.items()}
+    print(f"  info  platform CPU per answer, all cells pooled: before {cpu['before']:.3f} ms, after "
+          f"{cpu['after']:.3f} ms ({cpu['after'] - cpu['before']:+.3f} ms, the figure least moved by other work)")
+    print("  info  the ± intervals hold the noise between adjacent slices only, not drift slower than a turn (other "
+          "work on the machine coming and going): an A/A run (--baseline HEAD) shows what is left")
+    if same_code:
+        print("  info  A/A: both sides run the same code, so every difference above is the harness's noise floor")
+
+
+def measure_baseline(bench: Bench, args: argparse.Namespace) -> int:
+    tree, commit = bench.checkout(args.baseline)
+    schema_differs = migrations(tree) != migrations(ROOT)
+    own_db = args.baseline_db == "own" or (args.baseline_db == "auto" and schema_differs)
+    say(f"before: {args.baseline} = {commit[:10]} in {tree}; its migrations "
+        f"{'differ from' if schema_differs else 'equal'} this tree's: "
+        f"{'its own database ' + BASELINE_DB if own_db else 'shared database ' + DB_NAME}")
+    upstream_root = bench.start_upstream()
+    routes = ROUTES_YAML.format(route=ROUTE, upstream_model=UPSTREAM_MODEL, base_url=upstream_root,
+                                key_env=UPSTREAM_KEY_ENV)
+    key = bench.prepare(routes)
+    base = bench.side_services(tree, BASELINE_DB if own_db else None)
+    sides = {"before": (base, bench.prepare(routes, side=base) if own_db else key), "after": ({}, key)}
+    bench.start_writer()
+    bench.start_writer(base, label="before")
+    # An even number of turns per round (b a | a b | …): each side gets as many slices right after
+    # the other side's as right after its own (a switch costs the incoming process its caches).
+    turns = max(2, math.ceil(args.duration / args.rounds / args.slice - 1e-9))
+    turns += turns % 2
+    per_round = turns * args.slice
+    args.duration = per_round * args.rounds
+    runs: dict[tuple, list[Result]] = {(side, *cell): [] for side in SIDES for cell in args.cells}
+    plats_seen: dict[str, list[Platform]] = {side: [] for side in SIDES}
+    for r in range(args.rounds):
+        order = SIDES if r % 2 == 0 else SIDES[::-1]  # which side starts first and leads each turn alternates by round
+        plats = {side: bench.start_platform(sides[side][0], label=side, server=args.server, key=sides[side][1])
+                 for side in order}
+        for side in SIDES:
+            plats_seen[side].append(plats[side])
+        say(f"round {r + 1}/{args.rounds}: before pid {plats['before'].pid}, after pid {plats['after'].pid} on core "
+            f"{bench.platform_cpu}; {len(args.cells)} cells of {args.warmup:g} s warm-up + {per_round:g} s per side, "
+            f"in {args.slice:g} s slices")
+        targets = [Target(side, plats[side].chat_url, ROUTE, sides[side][1], pid=plats[side].pid) for side in order]
+
+        async def cells(targets=targets, plats=plats, r=r, order=order) -> None:
+            for stream, c in args.cells:
+                bench.quiet()
+                spies = [bench.profile(args.profile, plats[side], f"{side}-r{r + 1}-{mode(stream)}-c{c}")
+                         for side in SIDES]
+                results = await run_interleaved(targets, stream, c, args.warmup, per_round - args.slice / 2,
+                                                bench.platform_cpu, args.slice)
+                for spy in spies:
+                    bench.end_profile(spy)
+                bench.check_alive()
+                for side, result in zip(order, results, strict=True):
+                    runs[side, stream, c].append(result)
+
+        bench.run(cells)
+        for plat in plats.values():
+            bench.stop_platform(plat)
+
+    usage = {"after": bench.usage()}
+    if own_db:
+        usage["before"] = bench.usage(base)
+    else:
+        left, pending, _, _ = bench.usage(base)  # before's stream; its rows are in the shared database
+        usage["after"] = (usage["after"][0] + left, usage["after"][1] + pending, *usage["after"][2:])
+    served = {side: sum(r.good for (s, *_), rs in runs.items() if s == side for r in rs) + len(plats_seen[side])
+              for side in SIDES}  # + each process's first request
+    same_code = commit == head_commit() and "uncommitted" not in tree_state()
+    header("Chat completions before and after",
+           f"before = {args.baseline} ({commit[:10]}), after = this working tree; server {args.server}; "
+           f"{args.rounds} round(s) of fresh before/after processes, {args.duration:g} s measured per cell and side "
+           f"in {args.slice:g} s slices alternating between the sides, after {args.warmup:g} s warm-up per round; "
+           f"{CHUNKS}-chunk streams")
+    merged = print_baseline_table(args.cells, runs)
+    print()
+    for side in SIDES:
+        ps = plats_seen[side]
+        print(f"{side.capitalize()}: {len(ps)} process(es) from "
+              f"{'the checkout of ' + commit[:10] if side == 'before' else 'this working tree'}, Redis "
+              f"{(base if side == 'before' else bench.env)['REDIS_URL'].rsplit('/', 1)[-1]}, healthy "
+              f"{min(p.start_s for p in ps):.1f}-{max(p.start_s for p in ps):.1f} s after spawn, RSS at ready "
+              f"{min(p.rss_ready for p in ps):.0f}-{max(p.rss_ready for p in ps):.0f} MiB, first request "
+              f"{min(p.first_ms for p in ps):.0f}-{max(p.first_ms for p in ps):.0f} ms")
+    print(f"Schema: {args.baseline}'s migration files {'differ from' if schema_differs else 'equal'} this tree's; "
+          + (f"before runs on its own database {BASELINE_DB}, migrated and set up by its own code" if own_db
+             else f"both sides share {DB_NAME}") + "; each side has its own Redis database and usage writer "
+          "(its own code's)")
+    bad_usage = []
+    for side, (left, pending, rows, cost) in usage.items():
+        expected = served["before"] + served["after"] if not own_db else served[side]
+        who = "both sides" if not own_db else side
+        print(f"Usage recording ({who}): {rows:,} rows for {expected:,} good answers, total cost ${cost}; "
+              f"{left} left in the stream(s), {pending} pending")
+        if rows != expected:
+            bad_usage.append(f"{rows:,} usage rows for {expected:,} good answers ({who}): every answer must have "
+                             f"exactly one")
+    print(f"{bench.quiet_wait_s:.1f} s spent waiting for the usage writers to catch up before cells")
+    print_baseline_targets(merged, runs, same_code)
+    bad = print_problems([merge(v) for v in runs.values()], label=lambda r: f"{r.target:6s}")
+    for text in bad_usage:
+        print(f"WARNING: {text}")
+    warn_busy([r for rs in runs.values() for r in rs])
+    gw_note()
+    log_problems(bench.platform_logs, "The platform processes")
+    log_problems(bench.writer_logs, "The usage writers")
+    return 1 if bad or bad_usage else 0
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=10).stdout.strip()
 
 
 if __name__ == "__main__":
