@@ -65,21 +65,47 @@ CLAIM_KEY = "gw:testrun:db:%d"
 CLAIM_SECONDS = 3 * 3600  # a run killed before its cleanup frees its database after this
 
 
-def claim_redis_db(host: str, port: int) -> int:
+def claim_redis_db(host: str, port: int, dbs: list[int] | None = None) -> int:
     """A Redis database index this run owns outright: claimed with SET NX in database 0 (which
     the tests never use), so two runs on one machine never share one."""
     import redis
 
     control = redis.Redis(host=host, port=port, db=0)
     count = int(control.config_get("databases").get("databases", 16))
+    take_over = control.register_script(_TAKE_OVER)
     try:
-        for db in range(1, count):
-            if control.set(CLAIM_KEY % db, os.getpid(), nx=True, ex=CLAIM_SECONDS):
+        for db in dbs or range(1, count):
+            key = CLAIM_KEY % db
+            won = control.set(key, os.getpid(), nx=True, ex=CLAIM_SECONDS)
+            if not won:  # a run killed before its cleanup (SIGKILL, a timeout) left its claim
+                holder = control.get(key)
+                if holder is not None and not _alive(int(holder)):
+                    won = take_over(keys=[key], args=[holder, os.getpid(), CLAIM_SECONDS])
+            if won:
                 redis.Redis(host=host, port=port, db=db).flushdb()
                 return db
     finally:
         control.close()
     raise SystemExit(f"[test] every Redis database on {host}:{port} is claimed by another test run")
+
+
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def release_redis_db(host: str, port: int, db: int) -> None:

@@ -36,3 +36,23 @@ def test_two_test_runs_never_share_a_redis_database():
     import redis
 
     assert redis.Redis(db=0).get(f"gw:testrun:db:{first}") is None
+
+
+def test_a_claim_left_by_a_killed_run_is_taken_over():
+    import subprocess as sp
+
+    import redis
+
+    from llm_platform.testrun import CLAIM_KEY, claim_redis_db, release_redis_db
+
+    dead = sp.Popen(["true"])
+    dead.wait()
+    control = redis.Redis(db=0)
+    taken = [db for db in range(1, 16) if control.exists(CLAIM_KEY % db)]
+    free = next(db for db in range(1, 16) if db not in taken)
+    control.set(CLAIM_KEY % free, dead.pid, ex=60)  # as a run killed before its cleanup leaves it
+    try:
+        assert claim_redis_db("127.0.0.1", 6379, dbs=[free]) == free
+        assert int(control.get(CLAIM_KEY % free)) == os.getpid()
+    finally:
+        release_redis_db("127.0.0.1", 6379, free)
