@@ -139,7 +139,7 @@ def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, m
     real = resp.RespClient.call_now
 
     def noting(self, script, data, sink):
-        in_flight_at_each_call.append(limits._batchers[asyncio.get_running_loop()].inflight)
+        in_flight_at_each_call.append(limits.batching._batchers[asyncio.get_running_loop()].inflight)
         return real(self, script, data, sink)
 
     monkeypatch.setattr(resp.RespClient, "call_now", noting)
@@ -269,13 +269,13 @@ def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes,
     # The route table read here, in this thread (not in an executor thread of the loop below).
     monkeypatch.setattr(routing.routes, "_table", routing.load_table())
     monkeypatch.setattr(routing.routes, "_expires", time.monotonic() + 60)
-    real_flush = limits._Batcher.flush
+    real_flush = limits.batching._Batcher.flush
 
     def late_flush(self):  # the call leaves a moment later: time for the client to hang up
         self.loop.call_later(0.1, real_flush, self)
 
     async def scenario():
-        monkeypatch.setattr(limits._Batcher, "flush", late_flush)
+        monkeypatch.setattr(limits.batching._Batcher, "flush", late_flush)
         req = validate_chat({"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
         ctx = service.CallContext(request_id=f"req-{uuid.uuid4().hex}")
 
@@ -288,7 +288,7 @@ def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes,
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        monkeypatch.setattr(limits._Batcher, "flush", real_flush)
+        monkeypatch.setattr(limits.batching._Batcher, "flush", real_flush)
         await asyncio.sleep(0.3)  # Redis admits it; the reservation is given back
         await asyncio.gather(*service._settling)
         return ctx.request_id
@@ -345,7 +345,7 @@ def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
 def test_a_scope_hash_outlives_its_last_change_and_its_expiry_is_pushed_rarely(tenants):
     who = principal(tenants, requests_per_minute=60)
     key = f"gw:{{t{who.tenant_id}}}:lim"
-    ttl = limits._plan_for(who).scopes[0].ttl_ms  # the bucket's refill time + a minute
+    ttl = limits.policy._plan_for(who).scopes[0].ttl_ms  # the bucket's refill time + a minute
     redis_ = get_redis()
 
     def expiry() -> tuple[int, int]:
@@ -392,8 +392,8 @@ def test_two_plans_of_one_tenant_in_one_call_share_its_buckets(tenants, calls):
     other, _ = ApiKey.issue(tenant)
     who, second = Principal.from_key(key), Principal.from_key(other)
     twin = Principal(**{f.name: getattr(who, f.name) for f in dataclasses.fields(who)})
-    assert twin is not who and limits._plan_for(twin) is limits._plan_for(who)
-    assert limits._plan_for(second) is not limits._plan_for(who)
+    assert twin is not who and limits.policy._plan_for(twin) is limits.policy._plan_for(who)
+    assert limits.policy._plan_for(second) is not limits.policy._plan_for(who)
 
     async def scenario():
         prepared = [limits.prepare_admission(p, f"req-{uuid.uuid4().hex}", 1, 0) for p in (who, second) * 3]
@@ -466,17 +466,17 @@ def test_a_plan_names_the_new_budget_periods_from_utc_midnight(tenants, monkeypa
     the first request after midnight (here also a new month) counts against the new periods."""
     who = principal(tenants, daily_budget_usd=Decimal("5"), monthly_budget_usd=Decimal("50"))
     clock = [datetime(2026, 11, 30, 23, 59, 59, 600_000, tzinfo=UTC).timestamp()]
-    monkeypatch.setattr(limits, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(limits.policy, "time", SimpleNamespace(time=lambda: clock[0]))
 
     def periods(plan) -> list[str]:
         return [budget.period for scope in plan.scopes for budget in scope.budgets]
 
-    plan = limits._plan_for(who)
+    plan = limits.policy._plan_for(who)
     assert periods(plan) == ["2026-11-30", "2026-11"]
     clock[0] += 0.3
-    assert limits._plan_for(who) is plan  # the same day: kept
+    assert limits.policy._plan_for(who) is plan  # the same day: kept
     clock[0] += 0.2  # 2026-12-01 00:00:00.1
-    renewed = limits._plan_for(who)
+    renewed = limits.policy._plan_for(who)
     assert renewed is not plan and periods(renewed) == ["2026-12-01", "2026-12"]
 
 

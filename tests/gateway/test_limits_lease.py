@@ -245,4 +245,4 @@ def _fresh_clients():
     """Each test's loops get their own Redis clients and batchers."""
     yield
     resp._clients.clear()
-    limits._batchers.clear()
+    limits.batching._batchers.clear()
