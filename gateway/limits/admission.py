@@ -91,12 +91,10 @@ def finish_admission(admission: Admission, result) -> Admission:
                               result)
     if isinstance(result, Exception):
         raise unavailable() from None
-    if admission.lease_wanted and result[0] == 1:
-        result = result[:-2]  # without the lease's units and slots: the crowded flag last, as for any admission
-    if result[0] == 0:
-        raise _refusal(admission.plan.ordered[result[1] - 1], int(result[2]), {})
+    if not result["ok"]:
+        raise _refusal(admission.plan.by_tag[result["limit"].decode()], int(result["retry_ms"]), {})
     admission.header_pairs = _headers(admission.plan.header_kinds, result)
-    admission.release_first = result[-1] == 1  # the script's last value: a limit is crowded
+    admission.release_first = result["crowded"] == 1
     return admission
 
 

@@ -133,9 +133,9 @@ class _Batcher:
         it failed): its last two values are the units and slots granted. A lease granted replaces the plan's current
         one, whose unused room its headers count in."""
         self.leasing.pop(id(plan), None)
-        if reply is None or isinstance(reply, BaseException) or reply[0] != 1 or reply[-2] <= 0:
+        if reply is None or isinstance(reply, BaseException) or not reply["ok"] or reply["lease"] <= 0:
             return
-        lease = Lease(self, plan, lease_id, reply[-2], reply[-1], tokens, estimate, reply)
+        lease = Lease(self, plan, lease_id, reply["lease"], reply["lease_slots"], tokens, estimate, reply)
         old = self.leases.get(id(plan))
         if old is not None:
             lease.count_in(old)

@@ -53,7 +53,7 @@ class Lease:
                  "returned", "renewing", "_members")
 
     def __init__(self, batcher: _Batcher, plan: _Plan, lease_id: str, units: int, slots: int, tokens: int,
-                 estimate: int, reply: list):
+                 estimate: int, reply: dict):
         self.batcher, self.plan, self.lease_id, self.units = batcher, plan, lease_id, units
         self.requests = units
         self.tokens = self.tokens_granted = units * tokens
@@ -107,17 +107,18 @@ class Lease:
         """x-ratelimit-* as of the lease's grant, less what this process has taken since."""
         values = self.snapshot.copy()
         used_requests, used_tokens = self.units - self.requests, self.tokens_granted - self.tokens
-        for at, bucket in self.plan.header_buckets:
-            values[at] = remaining = values[at] - (used_tokens if bucket.header == "tokens" else used_requests)
-            values[at + 1] = math.ceil((bucket.limit - remaining) / bucket.rate_per_ms)
+        for tag, bucket in self.plan.header_buckets:
+            remaining = values[tag][0] - (used_tokens if bucket.header == "tokens" else used_requests)
+            values[tag] = (remaining, math.ceil((bucket.limit - remaining) / bucket.rate_per_ms))
         return _headers(self.plan.header_kinds, values)
 
     def count_in(self, old: Lease) -> None:
         """Its headers also count what `old`, which it replaces, has not used: that goes back
         to the buckets, which its own snapshot, taken while `old` held it, did not show."""
-        snapshot = list(self.snapshot)
-        for at, bucket in self.plan.header_buckets:
-            snapshot[at] += old.tokens if bucket.header == "tokens" else old.requests
+        snapshot = self.snapshot.copy()
+        for tag, bucket in self.plan.header_buckets:
+            remaining, reset = snapshot[tag]
+            snapshot[tag] = (remaining + (old.tokens if bucket.header == "tokens" else old.requests), reset)
         self.snapshot = snapshot
 
     def settle(self, admission: Admission, used_tokens: int, cost_nano: int) -> None:

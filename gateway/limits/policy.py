@@ -73,6 +73,12 @@ class Limit:
     period: str = ""
     header: str = ""  # "requests" / "tokens" when it feeds x-ratelimit-* headers
 
+    @property
+    def tag(self) -> str:
+        """What lua/limits.lua's replies call it: its scope's initial and its field (`t:rpm`,
+        `k:slots`, `t:d`)."""
+        return f"{self.scope[0]}:{self.field or 'slots'}"
+
 
 @dataclass(slots=True)
 class Scope:
@@ -187,7 +193,7 @@ class _Plan:
     principal: Principal  # the last principal object it served (equal to every one it serves)
     until: float  # the end of the UTC day its budget periods name (epoch seconds)
     scopes: list[Scope]
-    ordered: list[Limit]  # every limit in the script's refusal-index order
+    by_tag: dict[str, Limit]  # every limit, by the tag the script's replies name it by
     token_capacity: int | None  # the smallest tokens-per-minute bucket
     slot_keys: list[str]
     keys: bytes = b""  # per scope: hash, slot set (packed)
@@ -199,12 +205,11 @@ class _Plan:
     leasable: bool = False  # its requests limits and slot limits are large enough for a lease
     budgeted: bool = False  # it has a budget
 
-    header_buckets: list[tuple[int, Limit]] = field(default_factory=list)  # those that feed headers, and where
+    header_buckets: list[tuple[str, Limit]] = field(default_factory=list)  # those that feed headers, by tag
 
-    # per header kind ("requests", "tokens"): its three header names, then the reply positions
-    # (remaining, reset) and limit (as text) of the first bucket that feeds it, then those of
-    # the others (a key with limits of its own), in the order the script reports buckets (bytes:
-    # what the response carries)
+    # per header kind ("requests", "tokens"): its three header names, then the tag and limit (as
+    # text) of the first bucket that feeds it, then those of the others (a key with limits of its
+    # own) (bytes: what the response carries)
     header_kinds: list[_HeaderKind] = field(default_factory=list)
 
 
@@ -212,9 +217,9 @@ class _HeaderKind(NamedTuple):
     limit_name: bytes
     remaining_name: bytes
     reset_name: bytes
-    remaining_at: int  # the first bucket's remaining, in the script's reply; its reset follows
+    tag: str  # the first bucket's, in the script's reply: its {remaining, reset ms}
     limit: bytes
-    others: tuple[tuple[int, bytes], ...]  # (remaining_at, limit) of the other buckets
+    others: tuple[tuple[str, bytes], ...]  # (tag, limit) of the other buckets
 
 
 _plans: dict[int, _Plan] = {}  # by key id
@@ -246,17 +251,18 @@ def _plan_for(principal: Principal) -> _Plan:
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
     capacities = [b.limit for b in buckets if b.header == "tokens"]
-    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, ordered, min(capacities) if capacities else None, [scope.slot_key for scope in scopes if scope.slot_limit])
+    plan = _Plan(principal, (now // 86400 + 1) * 86400, scopes, {limit.tag: limit for limit in ordered},
+                 min(capacities) if capacities else None, [scope.slot_key for scope in scopes if scope.slot_limit])
     least = LEASE_SHARE * LEASE_MIN  # below this, the script would never grant one: not asked
     plan.leasable = (all(b.limit >= least for b in buckets if b.header != "tokens")
                      and all(scope.slot_limit == 0 or scope.slot_limit >= least for scope in scopes))
     plan.budgeted = any(scope.budgets for scope in scopes)
-    # The script reports remaining/reset for every bucket, in this order, after its leading 1.
-    kinds: dict[str, list[tuple[int, bytes]]] = {}
-    for i, bucket in enumerate(buckets):
+    # The script reports {remaining, reset} for every bucket, under the bucket's tag.
+    kinds: dict[str, list[tuple[str, bytes]]] = {}
+    for bucket in buckets:
         if bucket.header:
-            kinds.setdefault(bucket.header, []).append((2 * i + 1, b"%d" % bucket.limit))
-            plan.header_buckets.append((2 * i + 1, bucket))
+            kinds.setdefault(bucket.header, []).append((bucket.tag, b"%d" % bucket.limit))
+            plan.header_buckets.append((bucket.tag, bucket))
     plan.header_kinds = [_HeaderKind(b"x-ratelimit-limit-" + kind.encode(), b"x-ratelimit-remaining-" + kind.encode(),
                                      b"x-ratelimit-reset-" + kind.encode(), *candidates[0], tuple(candidates[1:]))
                          for kind, candidates in kinds.items()]

@@ -50,20 +50,26 @@ def _bulk4(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
 
 
 
-def _headers(header_kinds: list[_HeaderKind], values: list) -> list[tuple[bytes, bytes]]:
-    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key), as the
-    response carries them. `values` is the script's answer: 1, then remaining and reset (ms)
-    for each bucket."""
-    headers = []
-    for limit_name, remaining_name, reset_name, at, limit, others in header_kinds:
-        remaining = values[at]
-        for other_at, other_limit in others:  # a key with limits of its own: the tighter one
-            if values[other_at] < remaining:
-                at, limit, remaining = other_at, other_limit, values[other_at]
-        headers += ((limit_name, limit), (remaining_name, b"%d" % remaining if remaining > 0 else b"0"),
-                    (reset_name, reset_text(values[at + 1])))
-    return headers
+def tagged(reply: list) -> dict[str, object]:
+    """One operation's reply (lua/limits.lua: a flat list of tag/value pairs) by tag."""
+    it = iter(reply)
+    return {tag.decode(): value for tag, value in zip(it, it, strict=True)}
 
+
+def _headers(header_kinds: list[_HeaderKind], reply: dict) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key), as the
+    response carries them. `reply`: an admission's (`tagged`), each bucket's [remaining, reset
+    ms] under its tag."""
+    headers = []
+    for limit_name, remaining_name, reset_name, tag, limit, others in header_kinds:
+        remaining, reset = reply[tag]
+        for other_tag, other_limit in others:  # a key with limits of its own: the tighter one
+            other = reply[other_tag]
+            if other[0] < remaining:
+                limit, (remaining, reset) = other_limit, other
+        headers += ((limit_name, limit), (remaining_name, b"%d" % remaining if remaining > 0 else b"0"),
+                    (reset_name, reset_text(reset)))
+    return headers
 
 
 _Queued = tuple[Operation, asyncio.Future, Callable[[list], None] | None]
@@ -119,16 +125,18 @@ def _streams() -> bytes:
 
 
 def _deliver(batch: list[_Queued], outcome) -> None:
-    """Each operation's reply to its waiter, or the call's failure to every waiter."""
+    """Each operation's reply to its waiter (`tagged`), or the call's failure to every waiter."""
+    failed = isinstance(outcome, BaseException)
     for i, (_, waiter, abandoned) in enumerate(batch):
+        reply = None if failed or isinstance(outcome[i], Exception) else tagged(outcome[i])
         if waiter.done():  # its caller was cancelled
-            if abandoned is not None and not isinstance(outcome, BaseException):
-                abandoned(outcome[i])
+            if abandoned is not None and not failed:
+                abandoned(outcome[i] if reply is None else reply)
             continue
-        if isinstance(outcome, BaseException):
+        if failed:
             waiter.set_exception(type(outcome)(*outcome.args))
-        elif isinstance(outcome[i], Exception):  # that operation's own error; the others went on
+        elif reply is None:  # that operation's own error; the others went on
             waiter.set_exception(outcome[i])
         else:
-            waiter.set_result(outcome[i])
+            waiter.set_result(reply)
 

@@ -128,7 +128,7 @@ def test_admissions_arriving_just_after_a_reply_join_the_held_ones(tenants, call
         return await held, await late
 
     held, late = asyncio.run(scenario())
-    assert held[0] == 1 and late[0] == 1
+    assert held["ok"] == 1 and late["ok"] == 1
     assert len(calls) == 2
 
 
@@ -154,7 +154,7 @@ def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, m
         return await settled, await admitted
 
     alerts, reply = asyncio.run(scenario())
-    assert alerts == 0 and reply[0] == 1
+    assert alerts == {"alerts": 0} and reply["ok"] == 1
     assert in_flight_at_each_call == [0, 0, 0]  # the settlement went after the reply, not alongside
 
 
@@ -188,7 +188,7 @@ def test_a_settlement_frees_its_slot_for_an_admission_in_the_same_call(tenants, 
         return await settled, second
 
     alerts, second = asyncio.run(scenario())
-    assert alerts == 0
+    assert alerts == {"alerts": 0}
     assert isinstance(second, limits.Admission)
     assert len(calls) == 3  # first, blocked, then the settlement riding with the second admission
     slots = [m.decode() for m in get_redis().zrange(f"gw:{{t{who.tenant_id}}}:conc", 0, -1)]
@@ -229,7 +229,7 @@ def test_operations_deferred_for_different_times_go_at_the_soonest_under_uvloop(
         later = limits.submit(limits.settle_operation(second, 1, Decimal("0.000001"), row), defer=True)
         return await asyncio.wait_for(asyncio.gather(soon, later), 2)
 
-    assert uvloop.run(scenario()) == [0, 0]  # both settled (no budget alerts)
+    assert uvloop.run(scenario()) == [{"alerts": 0}] * 2  # both settled (no budget alerts)
 
 
 def test_when_redis_is_away_every_operation_of_the_call_fails_as_unavailable(tenants, monkeypatch):
@@ -321,7 +321,7 @@ def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
         """Admit and settle one request that cost `cost`; the budget alerts its settlement raised."""
         (admission,) = await admit_together(who, [1])
         row = {"request_id": admission.request_id, "tenant_id": who.tenant_id}
-        return await limits.submit(limits.settle_operation(admission, 1, Decimal(cost), row))
+        return (await limits.submit(limits.settle_operation(admission, 1, Decimal(cost), row)))["alerts"]
 
     # Each key spends 85% of its own cap, so each crosses 80% of it; the second also takes the
     # tenant's day to 85% of the tenant's cap.
@@ -452,11 +452,15 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     for i in range(10_000):  # the library's MAX_PLANS
         pipe.fcall(limits.LIMITS.name, len(keys), *keys, 1, 100, 1000, f"plan-{i}", len(spec), *spec)
     pipe.execute()
-    assert call("plan-0", False, "a", 1, "r1", 1, 0)[0][:2] == [1, 9]  # still kept: admitted, 9 left
+    def remaining(reply) -> int:  # an admission's tagged reply: admitted, and the rpm bucket's room
+        assert reply[:3] == [b"ok", 1, b"t:rpm"]
+        return reply[3][0]
+
+    assert remaining(call("plan-0", False, "a", 1, "r1", 1, 0)[0]) == 9  # still kept: admitted, 9 left
     call("plan-10000", True)  # one more: the library lets the others go
     with pytest.raises(redis.exceptions.ResponseError, match="NOPLAN"):
         call("plan-0", False, "a", 1, "r2", 1, 0)
-    assert call("plan-10000", False, "a", 1, "r3", 1, 0)[0][:2] == [1, 8]
+    assert remaining(call("plan-10000", False, "a", 1, "r3", 1, 0)[0]) == 8
     assert redis_.zcard(keys[1]) == 0 and redis_.xlen(keys[2]) == 0  # the refused call did nothing
     redis_.delete(*keys)
 
