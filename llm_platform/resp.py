@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import hiredis
@@ -138,6 +138,11 @@ class Function(Script):
         return f"Function({self.name})"
 
 
+def pack_command(args) -> bytes:
+    """A whole command in RESP (for a rider: `RespClient.call_now`)."""
+    return _pack(args)
+
+
 def pack_args(args) -> bytes:
     """Arguments as consecutive RESP bulk strings (a piece of a command, for `Script.assemble`)."""
     out: list[bytes] = []
@@ -237,6 +242,16 @@ class _Connection(asyncio.Protocol):
         else:
             self._schedule(defer)
         return future
+
+    def request_all_now(self, datas: list[bytes], sinks: list[Sink]) -> None:
+        """Write these requests at once, with whatever waits in the buffer, in one write; each
+        reply goes to its sink."""
+        if self.closed:
+            raise rx.ConnectionError(f"Connection to Redis at {self._where} closed")
+        self._pending.extend(sinks)
+        self._queued += len(datas)
+        self._buffer.extend(datas)
+        self._flush()
 
     def request_many(self, datas: list[bytes], defer: bool = False) -> asyncio.Future:
         if self.closed:
@@ -411,18 +426,36 @@ class RespClient:
                 replies[i] = load_errors.get(calls[i][0].sha, reply)
         return replies
 
-    def call_now(self, script: Script, data: bytes, sink: Sink) -> None:
+    def call_now(self, script: Script, data: bytes, sink: Sink, riders: Sequence[Rider] = ()) -> None:
         """One packed script call, written at once (see `_Connection.request`), its reply (or
         error reply, or failure) handed to `sink` as soon as it is read: no future, no hop
         through the event loop. A script or function Redis lacks is loaded first, and a call
-        made while (re)connecting waits for the connection, both in a task."""
+        made while (re)connecting waits for the connection, both in a task.
+
+        `riders`: commands written right after the call, in the same write, each handed its own
+        reply (an error reply or a failure included); never sent twice (a script loaded on
+        demand is called again alone)."""
         conn = self._conn
         if conn is None or conn.closed:
-            _to_sink(asyncio.ensure_future(self._evalsha_one(script, data)), sink)
+            _to_sink(asyncio.ensure_future(self._evalsha_one(script, data, riders)), sink)
+        elif riders:
+            conn.request_all_now([data, *(rider.command for rider in riders)],
+                                 [_Loading(self, script, data, sink), *riders])
         else:
             conn.request(data, now=True, sink=_Loading(self, script, data, sink))
 
-    async def _evalsha_one(self, script: Script, data: bytes):
+    async def _evalsha_one(self, script: Script, data: bytes, riders: Sequence[Rider] = ()):
+        if riders:
+            try:
+                replies = await self._send_many([data, *(rider.command for rider in riders)])
+            except BaseException as exc:
+                for rider in riders:
+                    rider.set_exception(exc if isinstance(exc, Exception) else rx.ConnectionError(str(exc)))
+                raise
+            for rider, reply in zip(riders, replies[1:], strict=True):
+                rider.set_result(reply)
+            if not script.missing(replies[0]):
+                return replies[0]
         (reply,) = await self.evalsha_packed([(script, data)])
         return reply
 
@@ -529,6 +562,13 @@ class Sink(Protocol):
     def set_result(self, reply) -> None: ...  # the reply, an error reply as `ResponseError`
 
     def set_exception(self, exc: BaseException) -> None: ...  # the call failed (no reply)
+
+
+class Rider(Sink, Protocol):
+    """A command that rides in another call's write (`RespClient.call_now`): packed, and a sink
+    for its reply."""
+
+    command: bytes
 
 
 class _Loading:

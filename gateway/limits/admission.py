@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import orjson
-
 from llm_platform.resp import pack_args
 from tenants.principal import Principal
 
@@ -14,7 +12,7 @@ from ..api.errors import GatewayError
 from .batching import _batcher
 from .leases import LEASE_SLOTS, Lease, _lease_id
 from .policy import _Plan, _plan_for, _refusal, nano, unavailable
-from .wire import ADMIT, ADMIT_LEASE, SETTLE, Operation, _bulk3, _bulk4, _headers, _operation
+from .wire import ADMIT, ADMIT_LEASE, SETTLE, Operation, _bulk3, _headers, _operation
 
 
 class Admission:
@@ -99,12 +97,13 @@ def finish_admission(admission: Admission, result) -> Admission:
 
 
 
-def settle_operation(admission: Admission, used_tokens: int, cost: Decimal, row: dict) -> Operation:
-    """Refund or charge tokens, release the slot, settle spend, buffer the row: one operation."""
+def settle_operation(admission: Admission, used_tokens: int, cost: Decimal) -> Operation:
+    """Refund or charge tokens, release the slot, settle spend: one operation. (The usage row is
+    `billing.recorder`'s: it may ride in the same write, `submit(..., rider=...)`.)"""
     refund = admission.reserved_tokens - used_tokens
     delta = nano(cost) - admission.estimate_nano
-    values = _bulk4(admission.request_id.encode(), b"%d" % refund, b"%d" % delta, orjson.dumps(row, default=str))
-    return _operation((admission.plan, SETTLE, values, 4))
+    values = _bulk3(admission.request_id.encode(), b"%d" % refund, b"%d" % delta)
+    return _operation((admission.plan, SETTLE, values, 3))
 
 
 def settle_locally(admission: Admission, used_tokens: int, cost: Decimal) -> None:

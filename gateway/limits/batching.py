@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import redis.exceptions as rx
 from django.conf import settings
 
-from llm_platform.resp import get_resp, pack_args, raise_errors
+from llm_platform.resp import Rider, get_resp, pack_args, raise_errors
 
 from .leases import Lease, _lease_id
 from .wire import (
@@ -46,16 +46,23 @@ async def give_back_leases() -> None:
 
 
 def submit(operation: Operation, defer: bool | float = False,
-           abandoned: Callable[[list], None] | None = None, at_once: bool = False) -> asyncio.Future:
+           abandoned: Callable[[dict], None] | None = None, at_once: bool = False,
+           rider: Rider | None = None) -> asyncio.Future:
     """Queue an operation for this loop's next call of lua/limits.lua; its reply as a future
     (a Redis failure as its exception). `defer`: it may wait up to GW_REDIS_DEFER_MS (or, a
     number, that many seconds) for an admission to ride with (settlements and leases given
     back: no client waits for them). `at_once`: it is written
     to Redis before this returns, with whatever else is queued, even while a call is in
     flight. `abandoned(reply)` is called with the reply when the future was cancelled before
-    it came (its caller is gone, but Redis ran the operation)."""
+    it came (its caller is gone, but Redis ran the operation).
+
+    `rider`: a packed command (`billing.recorder.rider`: the request's usage row) written
+    right after the call that carries this operation, in the same write; it is handed its own
+    reply or the write's failure, and is never sent twice."""
     batcher = _batcher()
     waiter = batcher.submit(operation, defer, abandoned)
+    if rider is not None:
+        batcher.riders.append(rider)
     if at_once:
         batcher.flush()
     return waiter
@@ -81,7 +88,7 @@ class _Batcher:
     iteration, as before; a busy one sends one call per round trip instead of one per request,
     which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
 
-    __slots__ = ("loop", "settles", "admits", "soon", "later", "later_at", "inflight", "overdue", "known", "leases", "leasing",
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "later_at", "inflight", "overdue", "known", "leases", "leasing", "riders",
                  "returning")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -97,6 +104,7 @@ class _Batcher:
         self.leases: dict[int, Lease] = {}  # by id(plan): the lease this loop admits from
         self.leasing: dict[int, float] = {}  # by id(plan): when an admission asking for a lease left
         self.returning: dict[Lease, asyncio.Future] = {}  # leases given back, Redis not yet answered
+        self.riders: list[Rider] = []  # commands for the next call's write
 
     def lease_wanted(self, plan: _Plan) -> int:
         """The units of lease an admission for this plan should ask for: none while another
@@ -177,18 +185,25 @@ class _Batcher:
             self.later.cancel()
             self.later = None
         queued = self.settles + self.admits
-        self.settles, self.admits = [], []
+        riders, self.settles, self.admits, self.riders = self.riders, [], [], []
         for start in range(0, len(queued), MAX_CALL_OPERATIONS):  # a burst must not hold Redis long
-            self.send(queued[start:start + MAX_CALL_OPERATIONS])
+            self.send(queued[start:start + MAX_CALL_OPERATIONS], riders=riders if start == 0 else ())
 
-    def send(self, batch: list[_Queued], spelled_out: bool = False) -> None:
-        """`spelled_out`: every plan in full (Redis said NOPLAN to the call by names)."""
+    def send(self, batch: list[_Queued], spelled_out: bool = False, riders: Sequence[Rider] = ()) -> None:
+        """`spelled_out`: every plan in full (Redis said NOPLAN to the call by names). `riders`:
+        written after the call, in the same write (never again: not when the call is resent)."""
         try:
-            get_resp().call_now(LIMITS, _call(batch, self.known, spelled_out), _Call(self, batch, spelled_out))
+            self.write(_call(batch, self.known, spelled_out), _Call(self, batch, spelled_out), riders)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+            for rider in riders:  # a rider handed its outcome already ignores this one
+                rider.set_exception(exc)
             _deliver(batch, exc)
             return
         self.inflight += 1  # its reply comes in a later iteration
+
+    def write(self, data: bytes, sink: _Call, riders: Sequence[Rider]) -> None:
+        """One call of lua/limits.lua, and its riders, to Redis."""
+        get_resp().call_now(LIMITS, data, sink, riders)
 
     def answered(self, call: _Call, outcome) -> None:
         self.inflight -= 1

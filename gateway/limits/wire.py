@@ -45,10 +45,6 @@ def _bulk3(a: bytes, b: bytes, c: bytes) -> bytes:
     return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(a), a, len(b), b, len(c), c)
 
 
-def _bulk4(a: bytes, b: bytes, c: bytes, d: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n%b" % (len(a), a, _bulk3(b, c, d))
-
-
 
 def tagged(reply: list) -> dict[str, object]:
     """One operation's reply (lua/limits.lua: a flat list of tag/value pairs) by tag."""
@@ -86,7 +82,7 @@ def _call(batch: list[_Queued], known: set[str], spell_out: bool = False) -> byt
         known.clear()
     index: dict[int, int] = {}
     keys, plans, operations = [], [], []
-    n_keys, n_args = 2, 3
+    n_keys, n_args = 1, 3
     heads = _HEADS
     for operation, _, _ in batch:
         plan = operation.plan
@@ -105,23 +101,22 @@ def _call(batch: list[_Queued], known: set[str], spell_out: bool = False) -> byt
         operations.append(heads[operation.kind][i])  # a call has at most MAX_CALL_OPERATIONS plans
         operations.append(operation.values)
         n_args += 2 + operation.n_values
-    keys.append(_streams())
+    keys.append(_alert_stream())
     (_, day_left), (_, month_left) = _current_periods()
     return LIMITS.assemble(n_keys, keys, n_args,
                            [_bulk3(b"%d" % len(index), b"%d" % day_left, b"%d" % month_left), *plans, *operations])
 
 
-_streams_packed: tuple[str, str, bytes] = ("", "", b"")
+_alert_packed: tuple[str, bytes] = ("", b"")
 
 
-def _streams() -> bytes:
-    """The usage and alert streams' names, packed (again only when the settings change)."""
-    global _streams_packed
-    gateway = settings.GATEWAY
-    usage, alert = gateway["USAGE_STREAM"], gateway["ALERT_STREAM"]
-    if _streams_packed[0] != usage or _streams_packed[1] != alert:
-        _streams_packed = (usage, alert, pack_args((usage, alert)))
-    return _streams_packed[2]
+def _alert_stream() -> bytes:
+    """The alert stream's name, packed (again only when the setting changes)."""
+    global _alert_packed
+    alert = settings.GATEWAY["ALERT_STREAM"]
+    if _alert_packed[0] != alert:
+        _alert_packed = (alert, pack_args((alert,)))
+    return _alert_packed[1]
 
 
 def _deliver(batch: list[_Queued], outcome) -> None:

@@ -15,7 +15,8 @@
 -- parsed (up to MAX_PLANS; then it forgets them all), and a call naming a plan it does not have
 -- is refused whole, before anything runs, with the error NOPLAN: the caller sends it again with
 -- every plan spelled out. An operation names its plan and carries only its request's own values.
--- KEYS: per plan, per scope: hash, slot set; then the usage stream and the alert stream.
+-- KEYS: per plan, per scope: hash, slot set; then the alert stream. (Usage rows do not pass
+-- through here: billing/recorder.py XADDs them, in the same write as the settlement.)
 -- ARGV[1]: the number of plans; ARGV[2], ARGV[3]: seconds left today, this month; then per plan:
 --   its name, the number of its arguments that follow (0: the library has it), then those:
 --   slot ttl (ms), tenant id, key id, n_scopes,
@@ -30,7 +31,7 @@
 --   'r', plan, lease id, its slots (members), requests unused, tokens unused (negative charges more),
 --        nano-dollars unused (negative: spent beyond the lease): a lease given back
 --   's', plan, request id, tokens reserved - used (negative charges more),
---        actual - estimated cost (nano-dollars), the usage row (JSON)
+--        actual - estimated cost (nano-dollars)
 -- Operations run in the order given (callers put settlements first, so that the tokens and
 -- slots they free serve the admissions). One reply per operation (an operation that fails
 -- answers an error reply of its own; the others go on), a flat list of tag/value pairs
@@ -64,7 +65,7 @@ local MAX_PLANS = 10000
 local plans_by_name, n_plans_kept = {}, 0
 
 -- The call in progress (Redis runs one at a time): set at its start.
-local now, hashes, slotsets, usage_stream, alert_stream, day_left, month_left
+local now, hashes, slotsets, alert_stream, day_left, month_left
 
 -- A scope hash's fields, read once; changes are written back once, at the end.
 local function hash(key)
@@ -336,10 +337,10 @@ local function raise_alerts(plan, scope, m, f, dirty, spent, rid)
   return alerts
 end
 
--- A request's settlement (`row` its usage row), or a lease given back (`rid` the lease id,
--- `lease_units` its slot members, `refund` per bucket: `requests` unused from requests buckets,
--- tokens from tokens buckets; no row).
-local function settle(plan, rid, refund, delta, row, lease_units, requests)
+-- A request's settlement, or a lease given back (`rid` the lease id, `lease_units` its slot
+-- members, `refund` per bucket: `requests` unused from requests buckets, tokens from tokens
+-- buckets).
+local function settle(plan, rid, refund, delta, lease_units, requests)
   local alerts = 0
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
@@ -390,7 +391,6 @@ local function settle(plan, rid, refund, delta, row, lease_units, requests)
       end
     end
   end
-  if row ~= nil then call('XADD', usage_stream, '*', 'row', row) end
   return {'alerts', alerts}
 end
 
@@ -407,7 +407,7 @@ local function run(K, A)
   local t = call('TIME')
   now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
   hashes, slotsets = {}, {}
-  usage_stream, alert_stream = K[#K - 1], K[#K]
+  alert_stream = K[#K]
   day_left, month_left = tonumber(A[2]), tonumber(A[3])
   -- The plans, each parsed or found; nothing runs unless every one of them is known.
   local plans, a, k = {}, 4, 1
@@ -438,8 +438,8 @@ local function run(K, A)
       replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
       a = a + 5
     elseif kind == 's' then
-      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
-      a = a + 6
+      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
+      a = a + 5
     elseif kind == 'L' then
       replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
                                         tonumber(A[a + 5]), A[a + 6], tonumber(A[a + 7])))
@@ -449,7 +449,7 @@ local function run(K, A)
                                         tonumber(A[a + 5]), tonumber(A[a + 6])))
       a = a + 7
     else  -- 'r': lease id, slots, requests, tokens, nano-dollars unused (spend moves by minus that)
-      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 5]), -tonumber(A[a + 6]), nil,
+      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 5]), -tonumber(A[a + 6]),
                                         tonumber(A[a + 3]), tonumber(A[a + 4])))
       a = a + 7
     end

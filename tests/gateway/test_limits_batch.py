@@ -18,24 +18,24 @@ import pytest
 import redis.exceptions
 from django.conf import settings
 
+from billing.recorder import rider
 from gateway import limits
 from gateway.api.errors import GatewayError
-from llm_platform import resp
 from llm_platform.redis import get_redis
 from tenants.principal import Principal
 
 
 @pytest.fixture()
 def calls(monkeypatch):
-    """How many calls of the script reached the Redis client."""
+    """How many calls of the script were written to Redis."""
     seen: list[int] = []
-    real = resp.RespClient.call_now
+    real = limits.batching._Batcher.write
 
-    def counting(self, script, data, sink):
+    def counting(self, data, sink, riders):
         seen.append(1)
-        return real(self, script, data, sink)
+        return real(self, data, sink, riders)
 
-    monkeypatch.setattr(resp.RespClient, "call_now", counting)
+    monkeypatch.setattr(limits.batching._Batcher, "write", counting)
     return seen
 
 
@@ -136,21 +136,20 @@ def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, m
     who = principal(tenants, requests_per_minute=10)
     monkeypatch.setitem(settings.GATEWAY, "REDIS_DEFER_MS", 0.0)  # due at the next iteration
     in_flight_at_each_call: list[int] = []
-    real = resp.RespClient.call_now
+    real = limits.batching._Batcher.write
 
-    def noting(self, script, data, sink):
-        in_flight_at_each_call.append(limits.batching._batchers[asyncio.get_running_loop()].inflight)
-        return real(self, script, data, sink)
+    def noting(self, data, sink, riders):
+        in_flight_at_each_call.append(self.inflight)
+        return real(self, data, sink, riders)
 
-    monkeypatch.setattr(resp.RespClient, "call_now", noting)
+    monkeypatch.setattr(limits.batching._Batcher, "write", noting)
 
     async def scenario():
         (first,) = await admit_together(who, [1])
-        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
         admission, operation = limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", 1, 0)
         admitted = limits.submit(operation)
         await asyncio.sleep(0)  # the admission's call is written and in flight
-        settled = limits.submit(limits.settle_operation(first, 1, Decimal(0), row), defer=True)
+        settled = limits.submit(limits.settle_operation(first, 1, Decimal(0)), defer=True)
         return await settled, await admitted
 
     alerts, reply = asyncio.run(scenario())
@@ -182,8 +181,7 @@ def test_a_settlement_frees_its_slot_for_an_admission_in_the_same_call(tenants, 
         assert isinstance(first, limits.Admission)
         (blocked,) = await admit_together(who, [10])
         assert isinstance(blocked, GatewayError) and "concurrent requests" in blocked.message
-        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
-        settled = limits.submit(limits.settle_operation(first, 4, Decimal("0.000002"), row), defer=True)
+        settled = limits.submit(limits.settle_operation(first, 4, Decimal("0.000002")), defer=True)
         (second,) = await admit_together(who, [10])  # submitted in the same iteration as the settlement
         return await settled, second
 
@@ -205,7 +203,7 @@ def test_a_settlement_alone_is_sent_after_the_deferral(tenants, calls):
         row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await limits.submit(limits.settle_operation(first, 1, Decimal(0), row), defer=True)
+        await limits.submit(limits.settle_operation(first, 1, Decimal(0)), defer=True, rider=rider(row))
         return loop.time() - started, first.request_id
 
     waited, request_id = asyncio.run(scenario())
@@ -224,9 +222,8 @@ def test_operations_deferred_for_different_times_go_at_the_soonest_under_uvloop(
 
     async def scenario():
         first, second = await admit_together(who, [1, 1])
-        row = {"request_id": "r"}
-        soon = limits.submit(limits.settle_operation(first, 1, Decimal("0.000001"), row), defer=0.0001)
-        later = limits.submit(limits.settle_operation(second, 1, Decimal("0.000001"), row), defer=True)
+        soon = limits.submit(limits.settle_operation(first, 1, Decimal("0.000001")), defer=0.0001)
+        later = limits.submit(limits.settle_operation(second, 1, Decimal("0.000001")), defer=True)
         return await asyncio.wait_for(asyncio.gather(soon, later), 2)
 
     assert uvloop.run(scenario()) == [{"alerts": 0}] * 2  # both settled (no budget alerts)
@@ -320,8 +317,7 @@ def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
     async def spend(who: Principal, cost: str) -> int:
         """Admit and settle one request that cost `cost`; the budget alerts its settlement raised."""
         (admission,) = await admit_together(who, [1])
-        row = {"request_id": admission.request_id, "tenant_id": who.tenant_id}
-        return (await limits.submit(limits.settle_operation(admission, 1, Decimal(cost), row)))["alerts"]
+        return (await limits.submit(limits.settle_operation(admission, 1, Decimal(cost))))["alerts"]
 
     # Each key spends 85% of its own cap, so each crosses 80% of it; the second also takes the
     # tenant's day to 85% of the tenant's cap.
@@ -411,13 +407,13 @@ def test_plans_go_by_name_once_redis_has_them_and_in_full_again_when_it_forgets(
     flush) or its plans (loaded again), the call by name does nothing and goes again in full."""
     who = principal(tenants, requests_per_minute=10)
     spelled_out: list[bool] = []  # per call that reached the client: whether it carried the plan in full
-    real = resp.RespClient.call_now
+    real = limits.batching._Batcher.write
 
-    def noting(self, script, data, sink):
+    def noting(self, data, sink, riders):
         spelled_out.append(b"\r\ntenant\r\n" in data)
-        return real(self, script, data, sink)
+        return real(self, data, sink, riders)
 
-    monkeypatch.setattr(resp.RespClient, "call_now", noting)
+    monkeypatch.setattr(limits.batching._Batcher, "write", noting)
     redis_ = get_redis()
 
     async def scenario():
@@ -441,7 +437,7 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     redis_ = get_redis()
     redis_.function_load(limits.LIMITS.source, replace=True)
     prefix = f"gw:{{test-{uuid.uuid4().hex[:8]}}}"
-    keys = [f"{prefix}:lim", f"{prefix}:conc", f"{prefix}:usage", f"{prefix}:alerts"]
+    keys = [f"{prefix}:lim", f"{prefix}:conc", f"{prefix}:alerts"]
     spec = [60000, 1, 1, 1, "tenant", 1, 0, 0, 120000, "rpm", 10, 0.001, 0]
 
     def call(name: str, full: bool, *operations):
@@ -452,6 +448,7 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     for i in range(10_000):  # the library's MAX_PLANS
         pipe.fcall(limits.LIMITS.name, len(keys), *keys, 1, 100, 1000, f"plan-{i}", len(spec), *spec)
     pipe.execute()
+
     def remaining(reply) -> int:  # an admission's tagged reply: admitted, and the rpm bucket's room
         assert reply[:3] == [b"ok", 1, b"t:rpm"]
         return reply[3][0]
@@ -461,7 +458,7 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     with pytest.raises(redis.exceptions.ResponseError, match="NOPLAN"):
         call("plan-0", False, "a", 1, "r2", 1, 0)
     assert remaining(call("plan-10000", False, "a", 1, "r3", 1, 0)[0]) == 8
-    assert redis_.zcard(keys[1]) == 0 and redis_.xlen(keys[2]) == 0  # the refused call did nothing
+    assert redis_.zcard(keys[1]) == 0  # the refused call did nothing (r3 found 8 left, not 7)
     redis_.delete(*keys)
 
 
@@ -547,3 +544,31 @@ def test_versions_of_the_limits_library_no_process_uses_are_deleted():
             if name in libraries():
                 r.execute_command("FUNCTION", "DELETE", name)
         r.delete(scripts.FUNCTIONS_IN_USE)
+
+
+def test_a_usage_row_rides_in_the_settlements_write_and_is_never_sent_twice(tenants, monkeypatch):
+    """The row's XADD goes right after the settlement's call, in the same write; when Redis
+    refuses that call NOPLAN (it forgot its plans) the call goes again, the row does not."""
+    who = principal(tenants, requests_per_minute=10, max_concurrent=5)
+    writes: list[int] = []  # per call written: how many riders went with it
+    real = limits.batching._Batcher.write
+
+    def noting(self, data, sink, riders):
+        writes.append(len(riders))
+        return real(self, data, sink, riders)
+
+    monkeypatch.setattr(limits.batching._Batcher, "write", noting)
+
+    async def scenario():
+        (first,) = await admit_together(who, [1])
+        get_redis().function_load(limits.LIMITS.source, replace=True)  # loaded again: no plans kept
+        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        settled = await limits.submit(limits.settle_operation(first, 1, Decimal(0)), rider=rider(row))
+        return settled, first.request_id
+
+    settled, request_id = asyncio.run(scenario())
+    assert settled == {"alerts": 0}
+    assert writes == [0, 1, 0]  # the admission; the settlement by name, with its row; again in full, alone
+    rows = [json.loads(fields[b"row"]) for _, fields in get_redis().xrange(settings.GATEWAY["USAGE_STREAM"])]
+    assert [r["request_id"] for r in rows].count(request_id) == 1
+    assert get_redis().zcard(f"gw:{{t{who.tenant_id}}}:conc") == 0  # and the settlement ran, once
