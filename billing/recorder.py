@@ -45,9 +45,9 @@ async def record(row: dict) -> None:
 
 
 def rider(row: dict) -> Rider:
-    """The row's XADD, packed, to ride in another write (the request's settlement:
-    `gateway.limits.submit(..., rider=...)`) instead of a write of its own; whoever writes it
-    hands it the reply. Recorded exactly as by `record`: spooled if the write fails."""
+    """The row's XADD, packed, to ride in another write (the request's settlement, whose
+    `submit` takes it as `rider`) instead of a write of its own; whoever writes it hands it the
+    reply. Recorded exactly as by `record`: spooled if the write fails."""
     return Rider(row)
 
 

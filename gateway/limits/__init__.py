@@ -27,6 +27,7 @@ One reason to change per module:
   leases     the room a process admits from by itself (`Lease`)
   batching   one event loop's operations, one script call at a time (`submit`)
   wire       the script's arguments and replies (documented in lua/limits.lua)
+  spend_floor  `restore_spend`: budgets' running totals raised back to PostgreSQL's after Redis lost them
 """
 
 from .admission import (
@@ -38,20 +39,11 @@ from .admission import (
 )
 from .batching import give_back_leases, refresh_slots, submit
 from .leases import Lease
-from .policy import (
-    NANO,
-    budget_ttl_ms,
-    estimate_nano,
-    nano,
-    period_ends,
-    reset_text,
-    scope_prefix,
-    unavailable,
-)
+from .policy import estimate_nano, reset_text, scope_prefix, unavailable
 from .wire import LIMITS, MAX_CALL_OPERATIONS, Operation
 
 __all__ = [
-    "LIMITS", "MAX_CALL_OPERATIONS", "NANO", "Admission", "Lease", "Operation", "budget_ttl_ms", "estimate_nano",
-    "finish_admission", "give_back_leases", "nano", "period_ends", "prepare_admission", "refresh_slots",
-    "reset_text", "scope_prefix", "settle_locally", "settle_operation", "submit", "unavailable",
+    "LIMITS", "MAX_CALL_OPERATIONS", "Admission", "Lease", "Operation", "estimate_nano", "finish_admission",
+    "give_back_leases", "prepare_admission", "refresh_slots", "reset_text", "scope_prefix", "settle_locally",
+    "settle_operation", "submit", "unavailable",
 ]

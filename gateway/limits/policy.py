@@ -5,8 +5,7 @@ A principal's limits are grouped by scope (the tenant, and a key with limits of 
 scope keeps one hash (buckets, spend) and one sorted set (slots) in Redis. A plan is those scopes
 and limits, packed once for lua/limits.lua and kept while the principal's limits stay the same.
 
-Money in Redis is integer nano-dollars; a price in USD per million tokens is exactly
-1000 nano-dollars per token per unit of price.
+Money (integer nano-dollars) and budget periods are billing's (`billing.periods`).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import NamedTuple
 
 from django.conf import settings
 
+from billing.periods import NANO, Periods, budget_ttl_ms, nano, period_ends
 from llm_platform.resp import pack_args
 from tenants.principal import Principal
 
@@ -31,10 +31,6 @@ from ..routing import LaneSpec
 # A lease: at most this share of a bucket, a slot set (a quarter of it for a budget), and at least
 # this many requests, or none (lua/limits.lua's LEASE_SHARE and LEASE_MIN).
 LEASE_SHARE, LEASE_MIN = 64, 4
-NANO = Decimal(1_000_000_000)
-
-def nano(amount: Decimal) -> int:
-    return math.ceil(amount * NANO)  # Decimal's ceiling: exact
 
 
 def reset_text(ms: int) -> bytes:
@@ -93,26 +89,6 @@ class Scope:
     ttl_ms: int  # the hash outlives every bucket's refill and every budget's period
 
 
-_periods: tuple[int, tuple] = (-1, ())
-
-
-def _current_periods() -> tuple[tuple[str, int], tuple[str, int]]:
-    """The budget periods, computed at most once a second."""
-    global _periods
-    second = int(time.time())
-    if _periods[0] != second:
-        _periods = (second, period_ends(datetime.now(UTC)))
-    return _periods[1]
-
-
-def period_ends(now: datetime) -> tuple[tuple[str, int], tuple[str, int]]:
-    """(day label, seconds left today), (month label, seconds left this month)."""
-    day_end = datetime(now.year, now.month, now.day, tzinfo=UTC).timestamp() + 86400
-    month_end = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC).timestamp()
-    ts = now.timestamp()
-    return (now.strftime("%Y-%m-%d"), int(day_end - ts) + 1), (now.strftime("%Y-%m"), int(month_end - ts) + 1)
-
-
 _BUCKETS = (("requests_per_minute", "rpm", "requests per minute", 60_000, "requests"),
             ("requests_per_hour", "rph", "requests per hour", 3_600_000, ""),
             ("tokens_per_minute", "tpm", "tokens per minute", 60_000, "tokens"))
@@ -124,12 +100,7 @@ def scope_prefix(tenant_id: int, key_id: int | None = None) -> str:
     return f"gw:{{t{tenant_id}}}" if key_id is None else f"gw:{{t{tenant_id}}}:k{key_id}"
 
 
-def budget_ttl_ms(month_seconds_left: int) -> int:
-    """A scope hash with budgets outlives its month by a day."""
-    return (month_seconds_left + 86400) * 1000
-
-
-def _scopes_for(principal: Principal, periods: tuple[tuple[str, int], tuple[str, int]]) -> list[Scope]:
+def _scopes_for(principal: Principal, periods: Periods) -> list[Scope]:
     """Every limit that applies to this principal, by scope, for the budget `periods`
     (`period_ends`); costs are filled in per request."""
     sources = [("tenant", scope_prefix(principal.tenant_id),

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from django.conf import settings
 
+from billing.periods import current_periods
 from llm_platform.resp import pack_args
 
 from ..scripts import LuaFunction
-from .policy import _current_periods, _HeaderKind, reset_text
+from .policy import _HeaderKind, reset_text
 
 if TYPE_CHECKING:
     from .policy import _Plan
@@ -102,7 +103,7 @@ def _call(batch: list[_Queued], known: set[str], spell_out: bool = False) -> byt
         operations.append(operation.values)
         n_args += 2 + operation.n_values
     keys.append(_alert_stream())
-    (_, day_left), (_, month_left) = _current_periods()
+    (_, day_left), (_, month_left) = current_periods()
     return LIMITS.assemble(n_keys, keys, n_args,
                            [_bulk3(b"%d" % len(index), b"%d" % day_left, b"%d" % month_left), *plans, *operations])
 
