@@ -18,6 +18,7 @@ import pytest
 import redis.exceptions
 from django.conf import settings
 
+from billing.periods import nano
 from billing.recorder import rider
 from gateway import limits
 from gateway.api.errors import GatewayError
@@ -504,7 +505,7 @@ def test_an_admission_that_leaves_room_for_fewer_than_two_more_is_settled_before
                        daily_budget_usd=Decimal("5"), monthly_budget_usd=None)
 
     async def spend(usd: str) -> limits.Admission:
-        admission, operation = limits.prepare_admission(budget, f"req-{uuid.uuid4().hex}", 1, limits.nano(Decimal(usd)))
+        admission, operation = limits.prepare_admission(budget, f"req-{uuid.uuid4().hex}", 1, nano(Decimal(usd)))
         return outcome(admission, await limits.submit(operation))
 
     assert asyncio.run(spend("1")).release_first is False  # $4 of $5 left: room for four more
