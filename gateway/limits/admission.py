@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from llm_platform.resp import pack_args
 from tenants.principal import Principal
 
 from ..api.errors import GatewayError
+from . import wire
 from .batching import _batcher
 from .leases import LEASE_SLOTS, Lease, _lease_id
-from .policy import _Plan, _plan_for, _refusal, nano, unavailable
-from .wire import ADMIT, ADMIT_LEASE, SETTLE, Operation, _bulk3, _headers, _operation
+from .policy import _headers, _Plan, _plan_for, _refusal, nano, unavailable
+from .wire import Operation
 
 
 class Admission:
@@ -52,7 +52,6 @@ class Admission:
         return self.lease.members() if self.lease is not None else (self.request_id,)
 
 
-
 def prepare_admission(principal: Principal, request_id: str, tokens: int,
                       estimate: int) -> tuple[Admission, Operation | None] | tuple[None, None]:
     """The admission operation for this request, or (admission, None) when this process admitted
@@ -76,10 +75,9 @@ def prepare_admission(principal: Principal, request_id: str, tokens: int,
     if want:
         admission.lease_wanted = want
         admission.lease_id = _lease_id()
-        return admission, _operation((plan, ADMIT_LEASE, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate)
-                                      + pack_args((want, admission.lease_id, LEASE_SLOTS)), 6))
-    return admission, _operation((plan, ADMIT, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3))
-
+        return admission, wire.admit_with_lease(plan, request_id, tokens, estimate, want, admission.lease_id,
+                                                LEASE_SLOTS)
+    return admission, wire.admit(plan, request_id, tokens, estimate)
 
 
 def finish_admission(admission: Admission, result) -> Admission:
@@ -96,14 +94,11 @@ def finish_admission(admission: Admission, result) -> Admission:
     return admission
 
 
-
 def settle_operation(admission: Admission, used_tokens: int, cost: Decimal) -> Operation:
     """Refund or charge tokens, release the slot, settle spend: one operation. (The usage row is
     `billing.recorder`'s: it may ride in the same write, `submit(..., rider=...)`.)"""
-    refund = admission.reserved_tokens - used_tokens
-    delta = nano(cost) - admission.estimate_nano
-    values = _bulk3(admission.request_id.encode(), b"%d" % refund, b"%d" % delta)
-    return _operation((admission.plan, SETTLE, values, 3))
+    return wire.settle(admission.plan, admission.request_id, admission.reserved_tokens - used_tokens,
+                       nano(cost) - admission.estimate_nano)
 
 
 def settle_locally(admission: Admission, used_tokens: int, cost: Decimal) -> None:

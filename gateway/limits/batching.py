@@ -12,25 +12,18 @@ from typing import TYPE_CHECKING
 import redis.exceptions as rx
 from django.conf import settings
 
-from llm_platform.resp import Rider, get_resp, pack_args, raise_errors
+from llm_platform.resp import Rider, get_resp, raise_errors
 
+from . import wire
 from .leases import Lease, _lease_id
-from .wire import (
-    LEASE,
-    LIMITS,
-    MAX_CALL_OPERATIONS,
-    Operation,
-    _call,
-    _deliver,
-    _operation,
-    _Queued,
-)
+from .wire import LIMITS, MAX_CALL_OPERATIONS, Operation, _call, _deliver, _Queued
 
 if TYPE_CHECKING:
     from .admission import Admission
     from .policy import _Plan
 
 log = logging.getLogger(__name__)
+
 
 async def give_back_leases() -> None:
     """Close this loop's leases and wait until Redis has what they held (graceful shutdown;
@@ -127,13 +120,12 @@ class _Batcher:
             return False
         lease_id = _lease_id()
         tokens, estimate = admission.reserved_tokens, admission.estimate_nano
-        values = pack_args((lease_id, tokens, estimate, want, slots))
 
         def came(reply: asyncio.Future) -> None:  # a failure: the next request that does not fit asks again
             failed = reply.cancelled() or reply.exception() is not None
             self.lease_came(plan, lease_id, tokens, estimate, None if failed else reply.result())
 
-        self.submit(_operation((plan, LEASE, values, 5)), False, None).add_done_callback(came)
+        self.submit(wire.lease(plan, lease_id, tokens, estimate, want, slots), False, None).add_done_callback(came)
         return True
 
     def lease_came(self, plan: _Plan, lease_id: str, tokens: int, estimate: int, reply) -> None:

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
-from llm_platform.resp import pack_args
-
-from .wire import RETURN, _headers, _operation
+from . import wire
+from .policy import _headers
 
 if TYPE_CHECKING:
     from .admission import Admission
@@ -152,9 +151,9 @@ class Lease:
         if self.returned:
             return
         self.returned = True
-        values = pack_args((self.lease_id, self.slots, self.requests, self.tokens, self.nano))
+        operation = wire.give_back(self.plan, self.lease_id, self.slots, self.requests, self.tokens, self.nano)
         # It rides with the next call (the next lease's, say), or goes alone once idle long enough.
-        done = self.batcher.submit(_operation((self.plan, RETURN, values, 5)), self.idle_s, None)
+        done = self.batcher.submit(operation, self.idle_s, None)
         self.batcher.returning[self] = done
         done.add_done_callback(self._returned)
 

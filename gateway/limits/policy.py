@@ -11,7 +11,6 @@ Money (integer nano-dollars) and budget periods are billing's (`billing.periods`
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,11 +21,11 @@ from typing import NamedTuple
 from django.conf import settings
 
 from billing.periods import NANO, Periods, budget_ttl_ms, nano, period_ends
-from llm_platform.resp import pack_args
 from tenants.principal import Principal
 
 from ..api.errors import GatewayError
 from ..routing import LaneSpec
+from .wire import pack_plan
 
 # A lease: at most this share of a bucket, a slot set (a quarter of it for a budget), and at least
 # this many requests, or none (lua/limits.lua's LEASE_SHARE and LEASE_MIN).
@@ -209,15 +208,8 @@ def _plan_for(principal: Principal) -> _Plan:
             return plan
     now = time.time()
     scopes = _scopes_for(principal, period_ends(datetime.fromtimestamp(now, UTC)))
-    ordered, buckets, keys = [], [], []
-    spec: list = [int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000), principal.tenant_id, principal.key_id, len(scopes)]
+    ordered, buckets = [], []
     for scope in scopes:
-        keys += (scope.hash_key, scope.slot_key)
-        spec += (scope.label, len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
-        for bucket in scope.buckets:
-            spec += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), 1 if bucket.header == "tokens" else 0)
-        for budget in scope.budgets:
-            spec += (budget.field, budget.period, budget.limit)
         ordered += scope.buckets + ([Limit("slots", "", "concurrent requests", scope.label, scope.slot_limit)]
                                     if scope.slot_limit else []) + scope.budgets
         buckets += scope.buckets
@@ -238,13 +230,26 @@ def _plan_for(principal: Principal) -> _Plan:
                                      b"x-ratelimit-reset-" + kind.encode(), *candidates[0], tuple(candidates[1:]))
                          for kind, candidates in kinds.items()]
     if scopes:
-        plan.keys, plan.n_keys = pack_args(keys), len(keys)
-        args = pack_args(spec)
-        plan.name = hashlib.sha1(plan.keys + args).hexdigest()[:20]
-        plan.full, plan.n_full = pack_args((plan.name, len(spec))) + args, 2 + len(spec)
-        plan.short = pack_args((plan.name, 0))
+        packed = pack_plan(int(settings.GATEWAY["SLOT_TTL_SECONDS"] * 1000), principal.tenant_id, principal.key_id,
+                           scopes)
+        plan.keys, plan.n_keys, plan.name, plan.full, plan.n_full, plan.short = packed
     if len(_plans) > 10_000:
         _plans.clear()
     _plans[principal.key_id] = plan
     return plan
 
+
+def _headers(header_kinds: list[_HeaderKind], reply: dict) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key), as the
+    response carries them. `reply`: an admission's (`tagged`), each bucket's [remaining, reset
+    ms] under its tag."""
+    headers = []
+    for limit_name, remaining_name, reset_name, tag, limit, others in header_kinds:
+        remaining, reset = reply[tag]
+        for other_tag, other_limit in others:  # a key with limits of its own: the tighter one
+            other = reply[other_tag]
+            if other[0] < remaining:
+                limit, (remaining, reset) = other_limit, other
+        headers += ((limit_name, limit), (remaining_name, b"%d" % remaining if remaining > 0 else b"0"),
+                    (reset_name, reset_text(reset)))
+    return headers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -17,12 +18,12 @@ from billing.periods import current_periods
 from llm_platform.resp import pack_args
 
 from ..scripts import LuaFunction
-from .policy import _HeaderKind, reset_text
 
 if TYPE_CHECKING:
-    from .policy import _Plan
+    from .policy import Scope, _Plan
 
 LIMITS = LuaFunction("limits.lua", "gw_limits")
+
 
 class Operation(NamedTuple):
     """One operation of lua/limits.lua (`submit` sends it): its plan, its kind, and its own
@@ -46,27 +47,65 @@ def _bulk3(a: bytes, b: bytes, c: bytes) -> bytes:
     return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(a), a, len(b), b, len(c), c)
 
 
+def admit(plan: _Plan, request_id: str, tokens: int, estimate: int) -> Operation:
+    """'a': admit one request of `tokens` and `estimate` nano-dollars."""
+    return _operation((plan, ADMIT, _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate), 3))
+
+
+def admit_with_lease(plan: _Plan, request_id: str, tokens: int, estimate: int, units: int, lease_id: str,
+                     slots: int) -> Operation:
+    """'L': admit one request, and take a lease of up to `units` more like it and `slots` slots."""
+    values = _bulk3(request_id.encode(), b"%d" % tokens, b"%d" % estimate) + pack_args((units, lease_id, slots))
+    return _operation((plan, ADMIT_LEASE, values, 6))
+
+
+def lease(plan: _Plan, lease_id: str, tokens: int, estimate: int, units: int, slots: int) -> Operation:
+    """'l': a lease alone, for requests of `tokens` and `estimate`."""
+    return _operation((plan, LEASE, pack_args((lease_id, tokens, estimate, units, slots)), 5))
+
+
+def settle(plan: _Plan, request_id: str, refund: int, delta: int) -> Operation:
+    """'s': settle a request: `refund` tokens back (negative charges more), spend moved by `delta`."""
+    return _operation((plan, SETTLE, _bulk3(request_id.encode(), b"%d" % refund, b"%d" % delta), 3))
+
+
+def give_back(plan: _Plan, lease_id: str, slots: int, requests: int, tokens: int, nano: int) -> Operation:
+    """'r': a lease given back: its `slots` members, and the requests, tokens, nano-dollars unused."""
+    return _operation((plan, RETURN, pack_args((lease_id, slots, requests, tokens, nano)), 5))
+
+
+class PackedPlan(NamedTuple):
+    """A plan as calls carry it: its keys, and its arguments in full or by name."""
+
+    keys: bytes
+    n_keys: int
+    name: str  # a digest of its keys and arguments: what the script knows it by
+    full: bytes
+    n_full: int
+    short: bytes
+
+
+def pack_plan(slot_ttl_ms: int, tenant_id: int, key_id: int, scopes: list[Scope]) -> PackedPlan:
+    """A plan's part of a call (the layout at the top of lua/limits.lua)."""
+    keys: list[str] = []
+    spec: list = [slot_ttl_ms, tenant_id, key_id, len(scopes)]
+    for scope in scopes:
+        keys += (scope.hash_key, scope.slot_key)
+        spec += (scope.label, len(scope.buckets), scope.slot_limit, len(scope.budgets), scope.ttl_ms)
+        for bucket in scope.buckets:
+            spec += (bucket.field, bucket.limit, repr(bucket.rate_per_ms), 1 if bucket.header == "tokens" else 0)
+        for budget in scope.budgets:
+            spec += (budget.field, budget.period, budget.limit)
+    packed_keys, args = pack_args(keys), pack_args(spec)
+    name = hashlib.sha1(packed_keys + args).hexdigest()[:20]
+    return PackedPlan(packed_keys, len(keys), name, pack_args((name, len(spec))) + args, 2 + len(spec),
+                      pack_args((name, 0)))
+
 
 def tagged(reply: list) -> dict[str, object]:
     """One operation's reply (lua/limits.lua: a flat list of tag/value pairs) by tag."""
     it = iter(reply)
     return {tag.decode(): value for tag, value in zip(it, it, strict=True)}
-
-
-def _headers(header_kinds: list[_HeaderKind], reply: dict) -> list[tuple[bytes, bytes]]:
-    """x-ratelimit-* from the tightest requests and tokens buckets (tenant or key), as the
-    response carries them. `reply`: an admission's (`tagged`), each bucket's [remaining, reset
-    ms] under its tag."""
-    headers = []
-    for limit_name, remaining_name, reset_name, tag, limit, others in header_kinds:
-        remaining, reset = reply[tag]
-        for other_tag, other_limit in others:  # a key with limits of its own: the tighter one
-            other = reply[other_tag]
-            if other[0] < remaining:
-                limit, (remaining, reset) = other_limit, other
-        headers += ((limit_name, limit), (remaining_name, b"%d" % remaining if remaining > 0 else b"0"),
-                    (reset_name, reset_text(reset)))
-    return headers
 
 
 _Queued = tuple[Operation, asyncio.Future, Callable[[list], None] | None]
