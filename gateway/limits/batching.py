@@ -81,8 +81,8 @@ class _Batcher:
     iteration, as before; a busy one sends one call per round trip instead of one per request,
     which is where Redis and the platform spend their time (the write, the wake-up, the read)."""
 
-    __slots__ = ("loop", "settles", "admits", "soon", "later", "later_at", "inflight", "overdue", "known", "leases", "leasing", "riders",
-                 "returning")
+    __slots__ = ("loop", "settles", "admits", "soon", "later", "later_at", "inflight", "overdue", "known", "leases",
+                 "leasing", "returning", "riders")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -130,8 +130,8 @@ class _Batcher:
 
     def lease_came(self, plan: _Plan, lease_id: str, tokens: int, estimate: int, reply) -> None:
         """The reply of an operation that asked for a lease ('L' or 'l'; an exception or None if
-        it failed): its last two values are the units and slots granted. A lease granted replaces the plan's current
-        one, whose unused room its headers count in."""
+        it failed): `lease` and `lease_slots` say what was granted. A lease granted replaces the
+        plan's current one, whose unused room its headers count in."""
         self.leasing.pop(id(plan), None)
         if reply is None or isinstance(reply, BaseException) or not reply["ok"] or reply["lease"] <= 0:
             return
