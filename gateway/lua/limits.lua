@@ -1,6 +1,6 @@
 #!lua name=gw_limits
 -- Limits: the admissions and settlements of many requests, in one atomic step. A Redis Function
--- library (FUNCTION LOAD; gateway/limits.py loads it under a name carrying its source's hash, so
+-- library (FUNCTION LOAD; gateway/limits/wire.py loads it under a name carrying its source's hash, so
 -- that two versions of the platform run side by side during a deploy): its top-level locals
 -- live as long as the library, which keeps each plan parsed between calls.
 -- Each scope (the tenant, and an API key with limits of its own) keeps one hash and one sorted
