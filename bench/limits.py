@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/limits.py [--duration 12] [--rounds 4] [--slice 0.5]
                                       [--non-stream 1,8,32] [--stream 1,8] [--quick] [--profile DIR]
-                                      [--baseline TREE]
+                                      [--baseline TREE] [--compare VAR=ON,OFF]
 
 The bench tenant has real, generous limits that never refuse (requests per minute and hour,
 tokens per minute, concurrency, daily and monthly budget), so every call runs the admission
@@ -18,6 +18,10 @@ refuse).
 With --baseline TREE both sides have limits on and the off side runs the code in TREE (another
 checkout, e.g. `git worktree add --detach /tmp/base HEAD~1`): a change measured against the code
 before it under the same noise, which separate runs on this VM cannot resolve.
+
+With --compare VAR=A,B both sides have limits on, from this tree, and differ in one setting: the
+on side runs with VAR=A, the off side with VAR=B (e.g. `--compare GW_REDIS_CLIENT=redis-py,resp`:
+the hot path's Redis client stacks).
 
 The stack is the one of bench/overhead.py (bench/README.md): platform on core 0; fake upstream,
 usage writer and load on core 1; database gw_bench, Redis db 15; loopback only. Everything is
@@ -83,6 +87,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", metavar="TREE", default=None,
                         help="compare two versions with limits on: the off side becomes limits on, running the code "
                              "in TREE (a checkout of another commit: git worktree add --detach /tmp/base HEAD~1)")
+    parser.add_argument("--compare", metavar="VAR=ON,OFF", default=None,
+                        help="compare two values of one setting with limits on: VAR=ON on the on side, VAR=OFF on "
+                             "the off side (e.g. GW_REDIS_CLIENT=redis-py,resp)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="record both platform processes with py-spy (if installed) during each cell, as "
                              "collapsed stacks in DIR")
@@ -102,6 +109,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if not (tree / "llm_platform" / "asgi.py").is_file():
             parser.error(f"--baseline {args.baseline}: not a checkout of this project")
         args.baseline = str(tree)
+    if args.compare is not None:
+        var, _, values = args.compare.partition("=")
+        pair = values.split(",")
+        if not var.startswith("GW_") or len(pair) != 2 or args.baseline is not None:
+            parser.error("--compare takes GW_VAR=ON,OFF (two values), and not with --baseline")
+        args.compare = (var, pair[0], pair[1])
     if not 0.05 <= args.slice <= 2:
         parser.error("--slice must be between 0.05 and 2 s (a turn must stay under uvicorn's 5 s keep-alive)")
     return args
@@ -192,7 +205,11 @@ def main(argv: list[str]) -> int:
 
 
 def sides_for(args: argparse.Namespace) -> dict[str, dict]:
-    """Each side's platform settings; with --baseline, the off side is limits on, from TREE."""
+    """Each side's platform settings; with --baseline, the off side is limits on, from TREE; with
+    --compare, both are limits on, with the setting's two values."""
+    if args.compare is not None:
+        var, on, off = args.compare
+        return {"on": {**SIDES["on"], var: on}, "off": {**SIDES["on"], var: off}}
     if args.baseline is None:
         return SIDES
     return {"on": SIDES["on"], "off": {**SIDES["on"], SIDE_TREE: args.baseline}}
@@ -238,7 +255,13 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
             bench.stop_platform(plat)
 
     left, pending, rows, cost = bench.usage()
-    title = "Limits on vs off" if args.baseline is None else f"This tree (on) vs the tree in {args.baseline} (off), limits on in both"
+    both_on = args.baseline is not None or args.compare is not None
+    if args.compare is not None:
+        title = f"{args.compare[0]}={args.compare[1]} (on) vs ={args.compare[2]} (off), limits on in both"
+    elif args.baseline is not None:
+        title = f"This tree (on) vs the tree in {args.baseline} (off), limits on in both"
+    else:
+        title = "Limits on vs off"
     header(title, f"{args.rounds} round(s) of fresh on/off processes, {args.duration:g} s measured per "
                                f"cell and side in {args.slice:g} s slices alternating between the sides, after "
                                f"{args.warmup:g} s warm-up per round; {CHUNKS}-chunk streams")
@@ -257,16 +280,16 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
     everything = [r for results in runs.values() for r in results]
     served = sum(r.good for r in everything) + sum(len(v) for v in firsts.values())  # + the first requests
     limited = sum(r.statuses.get(429, 0) for (side, *_), results in runs.items() if side == "on" for r in results)
-    if args.baseline is None:
+    if not both_on:
         print_targets(merged, limited)
     else:
-        print("\nTargets: not judged against a baseline tree (on/off here is this tree / that tree)")
+        print("\nTargets: not judged when both sides have limits on (on/off here names the two variants)")
     problems = []
     if header_seen["on"] != {True}:
         problems.append(f"limits on: {LIMIT_HEADER} missing, so admission did not run")
-    if header_seen["off"] != {args.baseline is not None}:
+    if header_seen["off"] != {both_on}:
         problems.append(f"limits off: {LIMIT_HEADER} present, so GW_LIMITS_ENABLED=0 was not honoured"
-                        if args.baseline is None else f"baseline: {LIMIT_HEADER} missing, so admission did not run")
+                        if not both_on else f"off side: {LIMIT_HEADER} missing, so admission did not run")
     if rows != served:
         problems.append(f"{rows:,} usage rows for {served:,} good answers: every answer must have exactly one")
     for text in problems:

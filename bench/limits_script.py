@@ -71,17 +71,19 @@ def principal():
 
 
 async def batches(who, requests: int, per_call: int) -> None:
+    from billing.recorder import rider
     from gateway import limits
 
     pending = []
     for i in range(requests // per_call):
         prepared = [limits.prepare_admission(who, f"r{i}-{j}", 310, 5000) for j in range(per_call)]
-        settles = [limits.submit(limits.settle_operation(a, 30, Decimal("0.0000135"), ROW), defer=True) for a in pending]
+        settles = [limits.submit(limits.settle_operation(a, 30, Decimal("0.0000135")), defer=True, rider=rider(ROW)) for a in pending]
         replies = await asyncio.gather(*(limits.submit(op) for _, op in prepared), *settles)
         pending = [limits.finish_admission(a, reply) for (a, _), reply in zip(prepared, replies, strict=False)]
 
 
 async def clients(who, requests: int, concurrency: int) -> None:
+    from billing.recorder import rider
     from gateway import limits
 
     lane = SimpleNamespace(price_input=Decimal("0.15"), price_output=Decimal("0.6"))
@@ -92,7 +94,7 @@ async def clients(who, requests: int, concurrency: int) -> None:
             estimate = limits.estimate_nano(lane, 10, 300)
             admission, operation = limits.prepare_admission(who, f"c{w}-{i}", 310, estimate)
             limits.finish_admission(admission, await limits.submit(operation))
-            settles.append(limits.submit(limits.settle_operation(admission, 30, Decimal("0.0000135"), ROW), defer=True))
+            settles.append(limits.submit(limits.settle_operation(admission, 30, Decimal("0.0000135")), defer=True, rider=rider(ROW)))
 
     await asyncio.gather(*(worker(requests // concurrency, w) for w in range(concurrency)))
     await asyncio.gather(*settles)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from llm_platform.resp import get_resp, raise_errors
+from llm_platform.resp import get_resp, pack_command, raise_errors
 
 from .ledger import UsageRow
 
@@ -43,8 +43,46 @@ async def record(row: UsageRow) -> None:
     try:
         raise_errors(await get_resp().execute_many([("XADD", stream_name(), "*", "row", payload)], defer=True))
     except Exception:
-        _spool.append(payload)
-        log.error("usage buffer unreachable; row spooled to disk", extra={"request_id": row.request_id})
+        _spooled(payload, row.request_id)
+
+
+def rider(row: UsageRow) -> Rider:
+    """The row's XADD, packed, to ride in another write (the request's settlement, whose
+    `submit` takes it as `rider`) instead of a write of its own; whoever writes it hands it the
+    reply. Recorded exactly as by `record`: spooled if the write fails."""
+    return Rider(row)
+
+
+class Rider:
+    """A usage row's XADD riding in another call's write (a `llm_platform.resp.Rider`): its
+    reply, an error reply or the write's failure, once; anything but an entry id spools the row."""
+
+    __slots__ = ("command", "payload", "request_id", "landed")
+
+    def __init__(self, row: UsageRow) -> None:
+        self.payload = row.to_json()
+        self.command = pack_command(("XADD", stream_name(), "*", "row", self.payload))
+        self.request_id = row.request_id
+        self.landed = False  # its outcome was handed in: later ones are ignored (one spooling at most)
+
+    def done(self) -> bool:
+        return self.landed
+
+    def set_result(self, reply) -> None:
+        if isinstance(reply, Exception):  # an error reply: the row is not in the stream
+            self.set_exception(reply)
+        else:
+            self.landed = True
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.landed:
+            self.landed = True
+            _spooled(self.payload, self.request_id)
+
+
+def _spooled(payload: bytes, request_id) -> None:
+    _spool.append(payload)
+    log.error("usage buffer unreachable; row spooled to disk", extra={"request_id": request_id})
 
 
 class _Spool:

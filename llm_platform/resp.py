@@ -20,7 +20,7 @@ import hashlib
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import hiredis
@@ -141,6 +141,11 @@ class Function(Script):
         return f"Function({self.name})"
 
 
+def pack_command(args) -> bytes:
+    """A whole command in RESP (for a rider: `RespClient.call_now`)."""
+    return _pack(args)
+
+
 def pack_args(args) -> bytes:
     """Arguments as consecutive RESP bulk strings (a piece of a command, for `Script.assemble`)."""
     out: list[bytes] = []
@@ -240,6 +245,16 @@ class _Connection(asyncio.Protocol):
         else:
             self._schedule(defer)
         return future
+
+    def request_all_now(self, datas: list[bytes], sinks: list[Sink]) -> None:
+        """Write these requests at once, with whatever waits in the buffer, in one write; each
+        reply goes to its sink."""
+        if self.closed:
+            raise rx.ConnectionError(f"Connection to Redis at {self._where} closed")
+        self._pending.extend(sinks)
+        self._queued += len(datas)
+        self._buffer.extend(datas)
+        self._flush()
 
     def request_many(self, datas: list[bytes], defer: bool = False) -> asyncio.Future:
         if self.closed:
@@ -429,18 +444,36 @@ class RespClient:
         except (rx.RedisError, OSError) as exc:
             log.warning("a deferred Redis command was lost: %s", exc)
 
-    def call_now(self, script: Script, data: bytes, sink: Sink) -> None:
+    def call_now(self, script: Script, data: bytes, sink: Sink, riders: Sequence[Rider] = ()) -> None:
         """One packed script call, written at once (see `_Connection.request`), its reply (or
         error reply, or failure) handed to `sink` as soon as it is read: no future, no hop
         through the event loop. A script or function Redis lacks is loaded first, and a call
-        made while (re)connecting waits for the connection, both in a task."""
+        made while (re)connecting waits for the connection, both in a task.
+
+        `riders`: commands written right after the call, in the same write, each handed its own
+        reply (an error reply or a failure included); never sent twice (a script loaded on
+        demand is called again alone)."""
         conn = self._conn
         if conn is None or conn.closed:
-            _to_sink(asyncio.ensure_future(self._evalsha_one(script, data)), sink)
+            _to_sink(asyncio.ensure_future(self._evalsha_one(script, data, riders)), sink)
+        elif riders:
+            conn.request_all_now([data, *(rider.command for rider in riders)],
+                                 [_Loading(self, script, data, sink), *riders])
         else:
             conn.request(data, now=True, sink=_Loading(self, script, data, sink))
 
-    async def _evalsha_one(self, script: Script, data: bytes):
+    async def _evalsha_one(self, script: Script, data: bytes, riders: Sequence[Rider] = ()):
+        if riders:
+            try:
+                replies = await self._send_many([data, *(rider.command for rider in riders)])
+            except BaseException as exc:
+                for rider in riders:
+                    rider.set_exception(exc if isinstance(exc, Exception) else rx.ConnectionError(str(exc)))
+                raise
+            for rider, reply in zip(riders, replies[1:], strict=True):
+                rider.set_result(reply)
+            if not script.missing(replies[0]):
+                return replies[0]
         (reply,) = await self.evalsha_packed([(script, data)])
         return reply
 
@@ -549,6 +582,13 @@ class Sink(Protocol):
     def set_exception(self, exc: BaseException) -> None: ...  # the call failed (no reply)
 
 
+class Rider(Sink, Protocol):
+    """A command that rides in another call's write (`RespClient.call_now`): packed, and a sink
+    for its reply."""
+
+    command: bytes
+
+
 class _Loading:
     """A sink in front of another: a reply saying Redis lacks the script is not passed on; the
     script is loaded and the call sent again, and that reply is."""
@@ -604,17 +644,102 @@ def _to_sink(future: asyncio.Future, sink: Sink) -> None:
     future.add_done_callback(done)
 
 
+class RedisPyClient(RespClient):
+    """The same interface over redis-py's asyncio client (its connection pool, its hiredis
+    parser): each call borrows a pooled connection, writes its packed commands in one write,
+    reads their replies and gives the connection back. No write is deferred or shared between
+    callers (`defer` is accepted and ignored): concurrent callers use concurrent connections.
+    Chosen with GW_REDIS_CLIENT=redis-py (`get_resp`)."""
+
+    def __init__(self, client) -> None:  # a redis.asyncio.Redis
+        self._client = client
+        self._pool = client.connection_pool
+        self._where = repr(self._pool)
+        self._tasks: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"RedisPyClient({self._where})"
+
+    async def execute(self, *args):
+        (reply,) = await self._send_many([_pack(args)])
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def _send_many(self, datas: list[bytes], defer: bool = False) -> list:
+        conn = await self._pool.get_connection()
+        try:
+            await conn.send_packed_command(datas, check_health=False)
+            replies = []
+            for _ in datas:
+                try:
+                    replies.append(await conn.read_response())
+                except rx.NoScriptError as exc:  # redis-py strips the code `Script.missing` looks for
+                    replies.append(ResponseError(f"NOSCRIPT {exc}"))
+                except ResponseError as exc:  # an error reply: in place, as `RespClient` gives it
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread: the connection is not reused
+            raise
+        finally:
+            await self._pool.release(conn)
+
+    def send_deferred(self, command: tuple) -> None:
+        task = asyncio.ensure_future(self._send_alone(command))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def call_now(self, script: Script, data: bytes, sink: Sink, riders: Sequence[Rider] = ()) -> None:
+        task = asyncio.ensure_future(self._call(script, data, sink, riders))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, script: Script, data: bytes, sink: Sink, riders: Sequence[Rider]) -> None:
+        try:
+            replies = await self._send_many([data, *(rider.command for rider in riders)])
+            for rider, reply in zip(riders, replies[1:], strict=True):
+                rider.set_result(reply)
+            reply = replies[0]
+            if script.missing(reply):
+                (reply,) = await self.evalsha_packed([(script, data)])
+        except BaseException as exc:
+            failure = exc if isinstance(exc, rx.RedisError) else rx.ConnectionError(f"Redis call failed: {exc!r}")
+            for rider in riders:
+                rider.set_exception(failure)
+            sink.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        sink.set_result(reply)
+
+    async def aclose(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=SOCKET_TIMEOUT)
+        await self._client.aclose()
+
+
 _clients: dict[asyncio.AbstractEventLoop, RespClient] = {}
 
 
 def get_resp() -> RespClient:
-    """The client of the running event loop (a connection cannot cross loops)."""
+    """The hot path's client of the running event loop (a connection cannot cross loops):
+    this module's (GW_REDIS_CLIENT=resp, the default) or redis-py's behind the same interface
+    (GW_REDIS_CLIENT=redis-py, `RedisPyClient`)."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
         for old in list(_clients):
             if old.is_closed():
                 _clients.pop(old, None)
-        client = _clients[loop] = RespClient(settings.REDIS_URL, timeout=SOCKET_TIMEOUT,
-                                             defer_s=settings.GATEWAY["REDIS_DEFER_MS"] / 1000)
+        if settings.GATEWAY.get("REDIS_CLIENT", "resp") == "redis-py":
+            import redis.asyncio
+
+            # RESP2, as this module speaks it (redis-py 8 defaults to RESP3: maps as dicts)
+            client = _clients[loop] = RedisPyClient(redis.asyncio.Redis.from_url(
+                settings.REDIS_URL, protocol=2, socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
+                max_connections=512))
+        else:
+            client = _clients[loop] = RespClient(settings.REDIS_URL, timeout=SOCKET_TIMEOUT,
+                                                 defer_s=settings.GATEWAY["REDIS_DEFER_MS"] / 1000)
     return client

@@ -244,6 +244,9 @@ GATEWAY = {
     "LEASE_UNITS": env_int("GW_LIMITS_LEASE_UNITS", 128),
     # A lease admits for at most this long (and is given back after a tenth of it idle).
     "LEASE_SECONDS": env_float("GW_LIMITS_LEASE_SECONDS", 1.0),
+    # The hot path's Redis client: llm_platform/resp.py (`resp`) or redis-py's asyncio client
+    # behind the same interface (`redis-py`); see README, "Limits".
+    "REDIS_CLIENT": env_str("GW_REDIS_CLIENT", "resp"),
     # A version of a Redis function library (one per deploy) that no process has used for this
     # long is deleted (each process says which it uses once a minute).
     "FUNCTION_IDLE_SECONDS": env_float("GW_FUNCTION_IDLE_SECONDS", 3600.0),

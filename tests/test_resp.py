@@ -16,6 +16,7 @@ import uuid
 
 import hiredis
 import pytest
+import redis.asyncio
 import redis.exceptions as rx
 import uvloop
 from django.conf import settings
@@ -23,7 +24,15 @@ from redis.asyncio.connection import parse_url
 
 from llm_platform.embedded import free_port
 from llm_platform.redis import get_redis
-from llm_platform.resp import Function, RespClient, Script, get_resp, pack_args
+from llm_platform.resp import (
+    Function,
+    RedisPyClient,
+    RespClient,
+    Script,
+    get_resp,
+    pack_args,
+    pack_command,
+)
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 REDIS = parse_url(settings.REDIS_URL)
@@ -768,3 +777,49 @@ def test_a_wrong_tls_setting_in_redis_url_stops_the_server_at_start():
         cwd=root, env=env, capture_output=True, text=True, timeout=30)
     assert started.returncode != 0
     assert "ssl_cert_reqs must be none, optional or required, not 'sometimes'" in started.stdout + started.stderr
+
+
+class Landing:
+    """A rider (`call_now`): a packed command and a sink for its reply."""
+
+    def __init__(self, *command):
+        self.command = pack_command(command)
+        self.outcomes: list = []
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, reply) -> None:
+        self.outcomes.append(reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.outcomes.append(exc)
+
+
+CLIENTS = {"resp": lambda: RespClient(settings.REDIS_URL),
+           "redis-py": lambda: RedisPyClient(redis.asyncio.Redis.from_url(settings.REDIS_URL, protocol=2))}
+
+
+@pytest.mark.parametrize("client_kind", sorted(CLIENTS))
+def test_riders_go_after_the_call_each_with_its_own_reply_and_never_again(run, prefix, client_kind):
+    """Both clients behind the hot path's interface: the riders follow the call in its write and
+    get their own replies (an error reply too); when Redis lacks the script, the call is loaded
+    and sent again, the riders are not."""
+    marker = uuid.uuid4().hex
+    counter = Script(f"-- {marker}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])")
+
+    async def main():
+        client = CLIENTS[client_kind]()
+        try:
+            get_redis().script_flush()
+            riders = [Landing("INCRBY", prefix + "r", 5), Landing("HGET", prefix + "r", "x")]  # the second: WRONGTYPE
+            sink = asyncio.get_running_loop().create_future()
+            client.call_now(counter, counter.pack([prefix + "n"], [1]), sink, riders)
+            return await sink, riders
+        finally:
+            await client.aclose()
+
+    reply, (added, wrong) = run(main())
+    assert reply == 1
+    assert added.outcomes == [5] and get_redis().get(prefix + "r") == b"5"  # written once
+    assert len(wrong.outcomes) == 1 and isinstance(wrong.outcomes[0], rx.ResponseError)

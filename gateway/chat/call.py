@@ -25,7 +25,7 @@ from django.conf import settings
 
 from billing.ledger import UsageRow
 from billing.pricing import cost_usd
-from billing.recorder import record
+from billing.recorder import record, rider
 from tenants.principal import Principal
 
 from .. import limits, resilience
@@ -467,8 +467,8 @@ class ChatCall:
             limits.settle_locally(self.admission, usage.total_tokens, cost)  # the row: recorded as it is
         elif self.admission is not None:
             try:
-                settled = limits.submit(limits.settle_operation(self.admission, usage.total_tokens, cost, row),
-                                        defer=not at_once, at_once=at_once)
+                settled = limits.submit(limits.settle_operation(self.admission, usage.total_tokens, cost),
+                                        defer=not at_once, at_once=at_once, rider=rider(row))
             except Exception:  # a bug must not cost the row: record it alone; the slot expires
                 log.exception("could not prepare settlement; recording the usage row alone",
                               extra={"request_id": row.request_id})
@@ -485,12 +485,12 @@ class ChatCall:
                 await run_scripts(self._reports, defer=True)
             except (redis.exceptions.RedisError, OSError):
                 log.warning("lane reports lost", extra={"request_id": row.request_id})
-        if settled is not None:
+        if settled is not None:  # its row rode in the same write: in the stream, or spooled if that failed
             try:
                 await settled
-                return
-            except (redis.exceptions.RedisError, OSError):  # keep the row; slots expire, refunds are lost
-                log.warning("settlement failed; usage row kept for later", extra={"request_id": row.request_id})
+            except (redis.exceptions.RedisError, OSError):  # slots expire, refunds are lost
+                log.warning("settlement failed", extra={"request_id": row.request_id})
+            return
         await record(row)
 
 

@@ -1,6 +1,6 @@
 #!lua name=gw_limits
 -- Limits: the admissions and settlements of many requests, in one atomic step. A Redis Function
--- library (FUNCTION LOAD; gateway/limits.py loads it under a name carrying its source's hash, so
+-- library (FUNCTION LOAD; gateway/limits/wire.py loads it under a name carrying its source's hash, so
 -- that two versions of the platform run side by side during a deploy): its top-level locals
 -- live as long as the library, which keeps each plan parsed between calls.
 -- Each scope (the tenant, and an API key with limits of its own) keeps one hash and one sorted
@@ -15,7 +15,8 @@
 -- parsed (up to MAX_PLANS; then it forgets them all), and a call naming a plan it does not have
 -- is refused whole, before anything runs, with the error NOPLAN: the caller sends it again with
 -- every plan spelled out. An operation names its plan and carries only its request's own values.
--- KEYS: per plan, per scope: hash, slot set; then the usage stream and the alert stream.
+-- KEYS: per plan, per scope: hash, slot set; then the alert stream. (Usage rows do not pass
+-- through here: billing/recorder.py XADDs them, in the same write as the settlement.)
 -- ARGV[1]: the number of plans; ARGV[2], ARGV[3]: seconds left today, this month; then per plan:
 --   its name, the number of its arguments that follow (0: the library has it), then those:
 --   slot ttl (ms), tenant id, key id, n_scopes,
@@ -30,17 +31,22 @@
 --   'r', plan, lease id, its slots (members), requests unused, tokens unused (negative charges more),
 --        nano-dollars unused (negative: spent beyond the lease): a lease given back
 --   's', plan, request id, tokens reserved - used (negative charges more),
---        actual - estimated cost (nano-dollars), the usage row (JSON)
+--        actual - estimated cost (nano-dollars)
 -- Operations run in the order given (callers put settlements first, so that the tokens and
--- slots they free serve the admissions). One reply per operation: an admission's
--- {0, failed_index, retry_after_ms} on refusal (index 1-based over every limit in the order: per
--- scope its buckets, its slot limit, its budgets), or {1, remaining_1, reset_ms_1, ...} for each
--- bucket in order, then 1 when a limit that settlement gives back to (a slot set, a tokens
--- bucket, a budget) now has room for fewer than two more requests like this one, else 0 (the
--- caller then settles this request before its answer goes out);
--- a settlement's number of budget alerts raised; an 'L' admission's reply ends with the units
--- of lease granted (0 or more) and its slots after the crowded flag, and an 'l' replies as one (its buckets'
--- remaining before the lease, crowded 0); a return answers its alerts raised.
+-- slots they free serve the admissions). One reply per operation (an operation that fails
+-- answers an error reply of its own; the others go on), a flat list of tag/value pairs
+-- (gateway/limits/wire.py reads them by tag, in any order):
+--   'a' admitted:  ok 1, then per bucket <tag> {remaining, ms until full}, then
+--                  crowded 1 when a limit that settlement gives back to (a slot set, a tokens
+--                  bucket, a budget) now has room for fewer than two more requests like this
+--                  one, else 0 (the caller then settles this request before its answer ends)
+--   'a' refused:   ok 0, limit <tag of the limit that refused>, retry_ms <ms until it allows>
+--   'L':           as 'a', and when admitted also lease <units granted, 0 or more>,
+--                  lease_slots <slot members granted>
+--   'l':           as an admitted 'L' (its buckets' remaining before the lease, crowded 0)
+--   's', 'r':      alerts <budget alerts raised>
+-- A limit's tag is its scope's initial and its field: t:rpm, t:rph, t:tpm, t:slots, t:d, t:m
+-- for the tenant, k:... for a key with limits of its own.
 -- A lease is capacity taken from every limit of the plan at once, for `units` more requests
 -- shaped like the admitting one (per unit: one request from each requests bucket, its tokens
 -- from each tokens bucket, its estimate from each budget; and up to the slots asked for, held
@@ -59,7 +65,7 @@ local MAX_PLANS = 10000
 local plans_by_name, n_plans_kept = {}, 0
 
 -- The call in progress (Redis runs one at a time): set at its start.
-local now, hashes, slotsets, usage_stream, alert_stream, day_left, month_left
+local now, hashes, slotsets, alert_stream, day_left, month_left
 
 -- A scope hash's fields, read once; changes are written back once, at the end.
 local function hash(key)
@@ -120,19 +126,21 @@ local function parse_plan(K, k, A, a)
   a = a + 4
   for s = 1, n_scopes do
     local nb, nm = tonumber(A[a + 1]), tonumber(A[a + 3])
-    local scope = {hash = K[k], slots = K[k + 1], label = A[a], slot_limit = tonumber(A[a + 2]),
-                   ttl = tonumber(A[a + 4]), buckets = {}, budgets = {}, nb = nb, nm = nm}
+    local label = A[a]
+    local tag = string.sub(label, 1, 1) .. ':'  -- the reply names each limit <scope initial>:<field>
+    local scope = {hash = K[k], slots = K[k + 1], label = label, slot_limit = tonumber(A[a + 2]),
+                   ttl = tonumber(A[a + 4]), buckets = {}, budgets = {}, nb = nb, nm = nm, slots_tag = tag .. 'slots'}
     k = k + 2
     a = a + 5
     for i = 1, nb do
       scope.buckets[i] = {f = A[a], ts = A[a] .. ':ts', cap = tonumber(A[a + 1]), rate = tonumber(A[a + 2]),
-                          tokens = A[a + 3] == '1'}
+                          tokens = A[a + 3] == '1', tag = tag .. A[a]}
       a = a + 4
     end
     for i = 1, nm do
       local f = A[a]
       scope.budgets[i] = {f = f, p = f .. ':p', al = f .. ':a', day = f == 'd', period = A[a + 1],
-                          cap = tonumber(A[a + 2]), cap_text = A[a + 2]}
+                          cap = tonumber(A[a + 2]), cap_text = A[a + 2], tag = tag .. f}
       a = a + 3
     end
     plan.scopes[s] = scope
@@ -228,7 +236,7 @@ end
 -- A lease alone ('l'), for requests of `tokens` and `estimate`: replies as an admission that
 -- asked for one would, its buckets' remaining being before the lease.
 local function lease_only(plan, lid, tokens, estimate, want, slots)
-  local out, n_out, levels, spends = {1}, 1, {}, {}
+  local out, n_out, levels, spends = {'ok', 1}, 2, {}, {}
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
     local f = hash(scope.hash).f
@@ -236,8 +244,8 @@ local function lease_only(plan, lid, tokens, estimate, want, slots)
       local b = scope.buckets[i]
       local level = level_of(f, b)
       levels[#levels + 1] = level
-      out[n_out + 1] = floor(level)
-      out[n_out + 2] = ceil((b.cap - level) / b.rate)
+      out[n_out + 1] = b.tag
+      out[n_out + 2] = {floor(level), ceil((b.cap - level) / b.rate)}
       n_out = n_out + 2
     end
     if scope.slot_limit > 0 then slot_count(slotset(scope.slots)) end
@@ -250,12 +258,13 @@ local function lease_only(plan, lid, tokens, estimate, want, slots)
   end
   local units, granted = lease_room(plan, want, tokens, estimate, levels, spends, slots)
   if units > 0 then reserve(plan, units, tokens, estimate, levels, spends, lid, granted) end
-  out[n_out + 1], out[n_out + 2], out[n_out + 3] = 0, units, granted
+  out[n_out + 1], out[n_out + 2], out[n_out + 3], out[n_out + 4] = 'crowded', 0, 'lease', units
+  out[n_out + 5], out[n_out + 6] = 'lease_slots', granted
   return out
 end
 
 local function admit(plan, rid, tokens, estimate, want, lid, slots)
-  local index, out, n_out = 0, {1}, 1
+  local out, n_out = {'ok', 1}, 2
   local levels, spends, crowded = {}, {}, 0
   -- Check every limit first; nothing is reserved unless all of them allow it.
   for s = 1, plan.n_scopes do
@@ -263,38 +272,35 @@ local function admit(plan, rid, tokens, estimate, want, lid, slots)
     local f = hash(scope.hash).f
     for i = 1, scope.nb do
       local b = scope.buckets[i]
-      index = index + 1
       local cost = b.tokens and tokens or 1
       local level = level_of(f, b)
       if level < cost then
-        return {0, index, ceil((cost - level) / b.rate)}
+        return {'ok', 0, 'limit', b.tag, 'retry_ms', ceil((cost - level) / b.rate)}
       end
       local left = level - cost
       if b.tokens and left < 2 * cost then crowded = 1 end  -- settlement refunds tokens
       levels[#levels + 1] = level
-      out[n_out + 1] = floor(left)
-      out[n_out + 2] = ceil((b.cap - left) / b.rate)
+      out[n_out + 1] = b.tag
+      out[n_out + 2] = {floor(left), ceil((b.cap - left) / b.rate)}
       n_out = n_out + 2
     end
     if scope.slot_limit > 0 then
-      index = index + 1
       local z = slotset(scope.slots)
       if slot_count(z) >= scope.slot_limit then  -- expired slots (a dead worker's) are swept when it looks full
         send_slots(z)
         call('ZREMRANGEBYSCORE', scope.slots, '-inf', now)
         z.n = call('ZCARD', scope.slots)
         if z.n >= scope.slot_limit then
-          return {0, index, 1000}
+          return {'ok', 0, 'limit', scope.slots_tag, 'retry_ms', 1000}
         end
       end
     end
     for i = 1, scope.nm do
       local m = scope.budgets[i]
-      index = index + 1
       local spent = 0
       if f[m.p] == m.period then spent = tonumber(f[m.f]) or 0 end  -- else a new period: from nothing
       if spent + estimate > m.cap then
-        return {0, index, (m.day and day_left or month_left) * 1000}
+        return {'ok', 0, 'limit', m.tag, 'retry_ms', (m.day and day_left or month_left) * 1000}
       end
       if m.cap - spent - estimate < 2 * estimate then crowded = 1 end  -- settlement corrects the estimate
       spends[#spends + 1] = spent
@@ -302,12 +308,12 @@ local function admit(plan, rid, tokens, estimate, want, lid, slots)
   end
   -- Every limit allows it: reserve (a slot set left with room for fewer than two more: crowded).
   if reserve(plan, 1, tokens, estimate, levels, spends, rid) < 2 then crowded = 1 end
-  out[n_out + 1] = crowded
+  out[n_out + 1], out[n_out + 2] = 'crowded', crowded
   if want ~= nil then
     local units, granted = 0, 0
     if crowded == 0 and want > 0 then units, granted = lease_room(plan, want, tokens, estimate, levels, spends, slots) end
     if units > 0 then reserve(plan, units, tokens, estimate, levels, spends, lid, granted) end
-    out[n_out + 2], out[n_out + 3] = units, granted
+    out[n_out + 3], out[n_out + 4], out[n_out + 5], out[n_out + 6] = 'lease', units, 'lease_slots', granted
   end
   return out
 end
@@ -331,10 +337,10 @@ local function raise_alerts(plan, scope, m, f, dirty, spent, rid)
   return alerts
 end
 
--- A request's settlement (`row` its usage row), or a lease given back (`rid` the lease id,
--- `lease_units` its slot members, `refund` per bucket: `requests` unused from requests buckets,
--- tokens from tokens buckets; no row).
-local function settle(plan, rid, refund, delta, row, lease_units, requests)
+-- A request's settlement, or a lease given back (`rid` the lease id, `lease_units` its slot
+-- members, `refund` per bucket: `requests` unused from requests buckets, tokens from tokens
+-- buckets).
+local function settle(plan, rid, refund, delta, lease_units, requests)
   local alerts = 0
   for s = 1, plan.n_scopes do
     local scope = plan.scopes[s]
@@ -385,8 +391,7 @@ local function settle(plan, rid, refund, delta, row, lease_units, requests)
       end
     end
   end
-  if row ~= nil then call('XADD', usage_stream, '*', 'row', row) end
-  return alerts
+  return {'alerts', alerts}
 end
 
 -- An operation that fails (a key of the wrong type, say) answers an error of its own; the others
@@ -402,7 +407,7 @@ local function run(K, A)
   local t = call('TIME')
   now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
   hashes, slotsets = {}, {}
-  usage_stream, alert_stream = K[#K - 1], K[#K]
+  alert_stream = K[#K]
   day_left, month_left = tonumber(A[2]), tonumber(A[3])
   -- The plans, each parsed or found; nothing runs unless every one of them is known.
   local plans, a, k = {}, 4, 1
@@ -433,8 +438,8 @@ local function run(K, A)
       replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
       a = a + 5
     elseif kind == 's' then
-      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]), A[a + 5]))
-      a = a + 6
+      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4])))
+      a = a + 5
     elseif kind == 'L' then
       replies[n_replies] = answer(pcall(admit, plan, A[a + 2], tonumber(A[a + 3]), tonumber(A[a + 4]),
                                         tonumber(A[a + 5]), A[a + 6], tonumber(A[a + 7])))
@@ -444,7 +449,7 @@ local function run(K, A)
                                         tonumber(A[a + 5]), tonumber(A[a + 6])))
       a = a + 7
     else  -- 'r': lease id, slots, requests, tokens, nano-dollars unused (spend moves by minus that)
-      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 5]), -tonumber(A[a + 6]), nil,
+      replies[n_replies] = answer(pcall(settle, plan, A[a + 2], tonumber(A[a + 5]), -tonumber(A[a + 6]),
                                         tonumber(A[a + 3]), tonumber(A[a + 4])))
       a = a + 7
     end

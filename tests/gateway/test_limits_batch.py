@@ -18,24 +18,25 @@ import pytest
 import redis.exceptions
 from django.conf import settings
 
+from billing.periods import nano
+from billing.recorder import rider
 from gateway import limits
 from gateway.api.errors import GatewayError
-from llm_platform import resp
 from llm_platform.redis import get_redis
 from tenants.principal import Principal
 
 
 @pytest.fixture()
 def calls(monkeypatch):
-    """How many calls of the script reached the Redis client."""
+    """How many calls of the script were written to Redis."""
     seen: list[int] = []
-    real = resp.RespClient.call_now
+    real = limits.batching._Batcher.write
 
-    def counting(self, script, data, sink):
+    def counting(self, data, sink, riders):
         seen.append(1)
-        return real(self, script, data, sink)
+        return real(self, data, sink, riders)
 
-    monkeypatch.setattr(resp.RespClient, "call_now", counting)
+    monkeypatch.setattr(limits.batching._Batcher, "write", counting)
     return seen
 
 
@@ -128,7 +129,7 @@ def test_admissions_arriving_just_after_a_reply_join_the_held_ones(tenants, call
         return await held, await late
 
     held, late = asyncio.run(scenario())
-    assert held[0] == 1 and late[0] == 1
+    assert held["ok"] == 1 and late["ok"] == 1
     assert len(calls) == 2
 
 
@@ -136,25 +137,24 @@ def test_settlements_due_while_a_call_is_in_flight_wait_for_its_reply(tenants, m
     who = principal(tenants, requests_per_minute=10)
     monkeypatch.setitem(settings.GATEWAY, "REDIS_DEFER_MS", 0.0)  # due at the next iteration
     in_flight_at_each_call: list[int] = []
-    real = resp.RespClient.call_now
+    real = limits.batching._Batcher.write
 
-    def noting(self, script, data, sink):
-        in_flight_at_each_call.append(limits._batchers[asyncio.get_running_loop()].inflight)
-        return real(self, script, data, sink)
+    def noting(self, data, sink, riders):
+        in_flight_at_each_call.append(self.inflight)
+        return real(self, data, sink, riders)
 
-    monkeypatch.setattr(resp.RespClient, "call_now", noting)
+    monkeypatch.setattr(limits.batching._Batcher, "write", noting)
 
     async def scenario():
         (first,) = await admit_together(who, [1])
-        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
         admission, operation = limits.prepare_admission(who, f"req-{uuid.uuid4().hex}", 1, 0)
         admitted = limits.submit(operation)
         await asyncio.sleep(0)  # the admission's call is written and in flight
-        settled = limits.submit(limits.settle_operation(first, 1, Decimal(0), row), defer=True)
+        settled = limits.submit(limits.settle_operation(first, 1, Decimal(0)), defer=True)
         return await settled, await admitted
 
     alerts, reply = asyncio.run(scenario())
-    assert alerts == 0 and reply[0] == 1
+    assert alerts == {"alerts": 0} and reply["ok"] == 1
     assert in_flight_at_each_call == [0, 0, 0]  # the settlement went after the reply, not alongside
 
 
@@ -182,13 +182,12 @@ def test_a_settlement_frees_its_slot_for_an_admission_in_the_same_call(tenants, 
         assert isinstance(first, limits.Admission)
         (blocked,) = await admit_together(who, [10])
         assert isinstance(blocked, GatewayError) and "concurrent requests" in blocked.message
-        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
-        settled = limits.submit(limits.settle_operation(first, 4, Decimal("0.000002"), row), defer=True)
+        settled = limits.submit(limits.settle_operation(first, 4, Decimal("0.000002")), defer=True)
         (second,) = await admit_together(who, [10])  # submitted in the same iteration as the settlement
         return await settled, second
 
     alerts, second = asyncio.run(scenario())
-    assert alerts == 0
+    assert alerts == {"alerts": 0}
     assert isinstance(second, limits.Admission)
     assert len(calls) == 3  # first, blocked, then the settlement riding with the second admission
     slots = [m.decode() for m in get_redis().zrange(f"gw:{{t{who.tenant_id}}}:conc", 0, -1)]
@@ -205,7 +204,7 @@ def test_a_settlement_alone_is_sent_after_the_deferral(tenants, calls):
         row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await limits.submit(limits.settle_operation(first, 1, Decimal(0), row), defer=True)
+        await limits.submit(limits.settle_operation(first, 1, Decimal(0)), defer=True, rider=rider(row))
         return loop.time() - started, first.request_id
 
     waited, request_id = asyncio.run(scenario())
@@ -224,12 +223,11 @@ def test_operations_deferred_for_different_times_go_at_the_soonest_under_uvloop(
 
     async def scenario():
         first, second = await admit_together(who, [1, 1])
-        row = {"request_id": "r"}
-        soon = limits.submit(limits.settle_operation(first, 1, Decimal("0.000001"), row), defer=0.0001)
-        later = limits.submit(limits.settle_operation(second, 1, Decimal("0.000001"), row), defer=True)
+        soon = limits.submit(limits.settle_operation(first, 1, Decimal("0.000001")), defer=0.0001)
+        later = limits.submit(limits.settle_operation(second, 1, Decimal("0.000001")), defer=True)
         return await asyncio.wait_for(asyncio.gather(soon, later), 2)
 
-    assert uvloop.run(scenario()) == [0, 0]  # both settled (no budget alerts)
+    assert uvloop.run(scenario()) == [{"alerts": 0}] * 2  # both settled (no budget alerts)
 
 
 def test_when_redis_is_away_every_operation_of_the_call_fails_as_unavailable(tenants, monkeypatch):
@@ -270,13 +268,13 @@ def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes,
     # The route table read here, in this thread (not in an executor thread of the loop below).
     monkeypatch.setattr(routing.routes, "_table", routing.load_table())
     monkeypatch.setattr(routing.routes, "_expires", time.monotonic() + 60)
-    real_flush = limits._Batcher.flush
+    real_flush = limits.batching._Batcher.flush
 
     def late_flush(self):  # the call leaves a moment later: time for the client to hang up
         self.loop.call_later(0.1, real_flush, self)
 
     async def scenario():
-        monkeypatch.setattr(limits._Batcher, "flush", late_flush)
+        monkeypatch.setattr(limits.batching._Batcher, "flush", late_flush)
         req = validate_chat({"model": "local", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
         ctx = service.CallContext(request_id=f"req-{uuid.uuid4().hex}")
 
@@ -289,7 +287,7 @@ def test_a_caller_cancelled_during_admission_gives_back_what_it_reserved(routes,
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        monkeypatch.setattr(limits._Batcher, "flush", real_flush)
+        monkeypatch.setattr(limits.batching._Batcher, "flush", real_flush)
         await asyncio.sleep(0.3)  # Redis admits it; the reservation is given back
         await asyncio.gather(*service._settling)
         return ctx.request_id
@@ -321,8 +319,7 @@ def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
     async def spend(who: Principal, cost: str) -> int:
         """Admit and settle one request that cost `cost`; the budget alerts its settlement raised."""
         (admission,) = await admit_together(who, [1])
-        row = {"request_id": admission.request_id, "tenant_id": who.tenant_id}
-        return await limits.submit(limits.settle_operation(admission, 1, Decimal(cost), row))
+        return (await limits.submit(limits.settle_operation(admission, 1, Decimal(cost))))["alerts"]
 
     # Each key spends 85% of its own cap, so each crosses 80% of it; the second also takes the
     # tenant's day to 85% of the tenant's cap.
@@ -346,7 +343,7 @@ def test_each_keys_cap_alerts_once_per_period_and_so_does_the_tenants(tenants):
 def test_a_scope_hash_outlives_its_last_change_and_its_expiry_is_pushed_rarely(tenants):
     who = principal(tenants, requests_per_minute=60)
     key = f"gw:{{t{who.tenant_id}}}:lim"
-    ttl = limits._plan_for(who).scopes[0].ttl_ms  # the bucket's refill time + a minute
+    ttl = limits.policy._plan_for(who).scopes[0].ttl_ms  # the bucket's refill time + a minute
     redis_ = get_redis()
 
     def expiry() -> tuple[int, int]:
@@ -393,8 +390,8 @@ def test_two_plans_of_one_tenant_in_one_call_share_its_buckets(tenants, calls):
     other, _ = ApiKey.issue(tenant)
     who, second = Principal.from_key(key), Principal.from_key(other)
     twin = Principal(**{f.name: getattr(who, f.name) for f in dataclasses.fields(who)})
-    assert twin is not who and limits._plan_for(twin) is limits._plan_for(who)
-    assert limits._plan_for(second) is not limits._plan_for(who)
+    assert twin is not who and limits.policy._plan_for(twin) is limits.policy._plan_for(who)
+    assert limits.policy._plan_for(second) is not limits.policy._plan_for(who)
 
     async def scenario():
         prepared = [limits.prepare_admission(p, f"req-{uuid.uuid4().hex}", 1, 0) for p in (who, second) * 3]
@@ -412,13 +409,13 @@ def test_plans_go_by_name_once_redis_has_them_and_in_full_again_when_it_forgets(
     flush) or its plans (loaded again), the call by name does nothing and goes again in full."""
     who = principal(tenants, requests_per_minute=10)
     spelled_out: list[bool] = []  # per call that reached the client: whether it carried the plan in full
-    real = resp.RespClient.call_now
+    real = limits.batching._Batcher.write
 
-    def noting(self, script, data, sink):
+    def noting(self, data, sink, riders):
         spelled_out.append(b"\r\ntenant\r\n" in data)
-        return real(self, script, data, sink)
+        return real(self, data, sink, riders)
 
-    monkeypatch.setattr(resp.RespClient, "call_now", noting)
+    monkeypatch.setattr(limits.batching._Batcher, "write", noting)
     redis_ = get_redis()
 
     async def scenario():
@@ -442,7 +439,7 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     redis_ = get_redis()
     redis_.function_load(limits.LIMITS.source, replace=True)
     prefix = f"gw:{{test-{uuid.uuid4().hex[:8]}}}"
-    keys = [f"{prefix}:lim", f"{prefix}:conc", f"{prefix}:usage", f"{prefix}:alerts"]
+    keys = [f"{prefix}:lim", f"{prefix}:conc", f"{prefix}:alerts"]
     spec = [60000, 1, 1, 1, "tenant", 1, 0, 0, 120000, "rpm", 10, 0.001, 0]
 
     def call(name: str, full: bool, *operations):
@@ -453,12 +450,17 @@ def test_the_library_keeps_a_bounded_number_of_plans(tenants):
     for i in range(10_000):  # the library's MAX_PLANS
         pipe.fcall(limits.LIMITS.name, len(keys), *keys, 1, 100, 1000, f"plan-{i}", len(spec), *spec)
     pipe.execute()
-    assert call("plan-0", False, "a", 1, "r1", 1, 0)[0][:2] == [1, 9]  # still kept: admitted, 9 left
+
+    def remaining(reply) -> int:  # an admission's tagged reply: admitted, and the rpm bucket's room
+        assert reply[:3] == [b"ok", 1, b"t:rpm"]
+        return reply[3][0]
+
+    assert remaining(call("plan-0", False, "a", 1, "r1", 1, 0)[0]) == 9  # still kept: admitted, 9 left
     call("plan-10000", True)  # one more: the library lets the others go
     with pytest.raises(redis.exceptions.ResponseError, match="NOPLAN"):
         call("plan-0", False, "a", 1, "r2", 1, 0)
-    assert call("plan-10000", False, "a", 1, "r3", 1, 0)[0][:2] == [1, 8]
-    assert redis_.zcard(keys[1]) == 0 and redis_.xlen(keys[2]) == 0  # the refused call did nothing
+    assert remaining(call("plan-10000", False, "a", 1, "r3", 1, 0)[0]) == 8
+    assert redis_.zcard(keys[1]) == 0  # the refused call did nothing (r3 found 8 left, not 7)
     redis_.delete(*keys)
 
 
@@ -467,17 +469,17 @@ def test_a_plan_names_the_new_budget_periods_from_utc_midnight(tenants, monkeypa
     the first request after midnight (here also a new month) counts against the new periods."""
     who = principal(tenants, daily_budget_usd=Decimal("5"), monthly_budget_usd=Decimal("50"))
     clock = [datetime(2026, 11, 30, 23, 59, 59, 600_000, tzinfo=UTC).timestamp()]
-    monkeypatch.setattr(limits, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(limits.policy, "time", SimpleNamespace(time=lambda: clock[0]))
 
     def periods(plan) -> list[str]:
         return [budget.period for scope in plan.scopes for budget in scope.budgets]
 
-    plan = limits._plan_for(who)
+    plan = limits.policy._plan_for(who)
     assert periods(plan) == ["2026-11-30", "2026-11"]
     clock[0] += 0.3
-    assert limits._plan_for(who) is plan  # the same day: kept
+    assert limits.policy._plan_for(who) is plan  # the same day: kept
     clock[0] += 0.2  # 2026-12-01 00:00:00.1
-    renewed = limits._plan_for(who)
+    renewed = limits.policy._plan_for(who)
     assert renewed is not plan and periods(renewed) == ["2026-12-01", "2026-12"]
 
 
@@ -504,7 +506,7 @@ def test_an_admission_that_leaves_room_for_fewer_than_two_more_is_settled_before
                        daily_budget_usd=Decimal("5"), monthly_budget_usd=None)
 
     async def spend(usd: str) -> limits.Admission:
-        admission, operation = limits.prepare_admission(budget, f"req-{uuid.uuid4().hex}", 1, limits.nano(Decimal(usd)))
+        admission, operation = limits.prepare_admission(budget, f"req-{uuid.uuid4().hex}", 1, nano(Decimal(usd)))
         return outcome(admission, await limits.submit(operation))
 
     assert asyncio.run(spend("1")).release_first is False  # $4 of $5 left: room for four more
@@ -544,3 +546,31 @@ def test_versions_of_the_limits_library_no_process_uses_are_deleted():
             if name in libraries():
                 r.execute_command("FUNCTION", "DELETE", name)
         r.delete(scripts.FUNCTIONS_IN_USE)
+
+
+def test_a_usage_row_rides_in_the_settlements_write_and_is_never_sent_twice(tenants, monkeypatch):
+    """The row's XADD goes right after the settlement's call, in the same write; when Redis
+    refuses that call NOPLAN (it forgot its plans) the call goes again, the row does not."""
+    who = principal(tenants, requests_per_minute=10, max_concurrent=5)
+    writes: list[int] = []  # per call written: how many riders went with it
+    real = limits.batching._Batcher.write
+
+    def noting(self, data, sink, riders):
+        writes.append(len(riders))
+        return real(self, data, sink, riders)
+
+    monkeypatch.setattr(limits.batching._Batcher, "write", noting)
+
+    async def scenario():
+        (first,) = await admit_together(who, [1])
+        get_redis().function_load(limits.LIMITS.source, replace=True)  # loaded again: no plans kept
+        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        settled = await limits.submit(limits.settle_operation(first, 1, Decimal(0)), rider=rider(row))
+        return settled, first.request_id
+
+    settled, request_id = asyncio.run(scenario())
+    assert settled == {"alerts": 0}
+    assert writes == [0, 1, 0]  # the admission; the settlement by name, with its row; again in full, alone
+    rows = [json.loads(fields[b"row"]) for _, fields in get_redis().xrange(settings.GATEWAY["USAGE_STREAM"])]
+    assert [r["request_id"] for r in rows].count(request_id) == 1
+    assert get_redis().zcard(f"gw:{{t{who.tenant_id}}}:conc") == 0  # and the settlement ran, once

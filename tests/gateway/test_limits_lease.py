@@ -41,8 +41,7 @@ async def settle(admission: limits.Admission, used_tokens: int = 10, cost: str =
     if admission.lease is not None:
         limits.settle_locally(admission, used_tokens, Decimal(cost))
     else:
-        await limits.submit(limits.settle_operation(admission, used_tokens, Decimal(cost),
-                                                    {"request_id": admission.request_id}))
+        await limits.submit(limits.settle_operation(admission, used_tokens, Decimal(cost)))
 
 
 def scope(who: Principal) -> tuple[str, str]:
@@ -245,4 +244,4 @@ def _fresh_clients():
     """Each test's loops get their own Redis clients and batchers."""
     yield
     resp._clients.clear()
-    limits._batchers.clear()
+    limits.batching._batchers.clear()

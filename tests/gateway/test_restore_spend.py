@@ -10,7 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from billing.models import BudgetAlert, UsageRecord
-from gateway.limits import nano
+from billing.periods import nano
 from llm_platform.redis import get_redis
 
 

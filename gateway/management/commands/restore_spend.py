@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from billing.spend import restore_spend
+from gateway.limits.spend_floor import restore_spend
 from tenants.models import Tenant
 
 
