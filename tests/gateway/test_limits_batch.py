@@ -24,6 +24,7 @@ from gateway import limits
 from gateway.api.errors import GatewayError
 from llm_platform.redis import get_redis
 from tenants.principal import Principal
+from tests.support.rows import usage_row
 
 
 @pytest.fixture()
@@ -201,7 +202,7 @@ def test_a_settlement_alone_is_sent_after_the_deferral(tenants, calls):
 
     async def scenario():
         (first,) = await admit_together(who, [1])
-        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        row = usage_row(request_id=first.request_id, tenant_id=who.tenant_id)
         loop = asyncio.get_running_loop()
         started = loop.time()
         await limits.submit(limits.settle_operation(first, 1, Decimal(0)), defer=True, rider=rider(row))
@@ -564,7 +565,7 @@ def test_a_usage_row_rides_in_the_settlements_write_and_is_never_sent_twice(tena
     async def scenario():
         (first,) = await admit_together(who, [1])
         get_redis().function_load(limits.LIMITS.source, replace=True)  # loaded again: no plans kept
-        row = {"request_id": first.request_id, "tenant_id": who.tenant_id}
+        row = usage_row(request_id=first.request_id, tenant_id=who.tenant_id)
         settled = await limits.submit(limits.settle_operation(first, 1, Decimal(0)), rider=rider(row))
         return settled, first.request_id
 
