@@ -255,7 +255,7 @@ class Server:
         self.log = open(ROOT / ".data" / f"server-{self.port}.log", "w") if (ROOT / ".data").exists() else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "llm_platform.asgi:application", "--host", "127.0.0.1",
-             "--port", str(self.port), "--loop", "uvloop", "--http", "httptools", "--lifespan", "on",
+             "--port", str(self.port), "--loop", "uvloop", "--http", "llm_platform.server_protocol:BoundedHttpToolsProtocol", "--lifespan", "on",
              "--no-access-log"],
             cwd=ROOT, env=_server_env(self.port, extra_env), stdout=self.log, stderr=subprocess.STDOUT,
         )
