@@ -409,10 +409,10 @@ class StreamMapper:
             if delta.type == "input_json_delta" and event.index in self.tool_index and delta.partial_json:
                 k = self.tool_index[event.index]
                 return self._content({"tool_calls": [{"index": k, "function": {"arguments": delta.partial_json}}]})
-            if delta.type == "thinking_delta" and delta.thinking:
-                return self._chunk({"reasoning_content": delta.thinking})
+            if delta.type == "thinking_delta" and delta.thinking:  # output too: a cut stream bills it
+                return self._content({"reasoning_content": delta.thinking})
             if delta.type == "signature_delta" and delta.signature:
-                return self._chunk({"reasoning_signature": delta.signature})
+                return self._content({"reasoning_signature": delta.signature})
             return None
         if kind == "content_block_start":
             block = event.content_block

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -324,3 +325,49 @@ def test_an_overloaded_anthropic_lane_falls_back_to_openai_mid_route_when_stream
     assert status == 200 and events[0][1]["message"]["model"] == "fb2-openai"
     assert "".join(d["delta"]["text"] for name, d in events if name == "content_block_delta") == "Echo: stream it"
     assert events[-1][0] == "message_stop"
+
+
+# -- the core's guarantees, unchanged through this door -----------------------------------------
+
+
+def test_an_idempotency_key_replays_the_same_message_without_a_second_provider_call(sdk, fake_anthropic):
+    key = {"Idempotency-Key": f"idem-{uuid.uuid4()}"}
+    ask = {"model": "claude-sonnet", "messages": [{"role": "user", "content": "once only"}]}
+    first, _ = create(sdk, extra_headers=key, **ask)
+    again, http = create(sdk, extra_headers=key, **ask)
+    assert again.model_dump() == first.model_dump() and http.headers["x-idempotent-replayed"] == "true"
+    assert sum(1 for r in fake_anthropic.requests if r.path == "/v1/messages") == 1
+
+
+def test_an_idempotency_key_replays_a_stream_in_anthropics_sequence(server, tenant, fakes_reset, fake_anthropic):
+    key = f"idem-{uuid.uuid4()}"
+    body = {"model": "claude-sonnet", "max_tokens": 64, "stream": True,
+            "messages": [{"role": "user", "content": "stream once [[cache:5,1]]"}]}
+
+    def replayable() -> tuple[list[str], str]:
+        """The event names and the whole body of one call with the key."""
+        response = httpx.post(f"{server.url}/v1/messages", json=body, timeout=20,
+                              headers={"x-api-key": tenant[2], "Idempotency-Key": key})
+        return [line[7:] for line in response.text.splitlines() if line.startswith("event: ")], response.text
+
+    (first, first_text), (second, second_text) = replayable(), replayable()
+    assert first == second and first[0] == "message_start" and first[-1] == "message_stop"
+    assert second_text.count('"cache_read_input_tokens":5') == first_text.count('"cache_read_input_tokens":5') == 1
+    assert sum(1 for r in fake_anthropic.requests if r.path == "/v1/messages") == 1
+
+
+def test_a_wrong_method_is_a_405_in_anthropics_shape(server, tenant):
+    response = httpx.get(f"{server.url}/v1/messages", headers={"x-api-key": tenant[2]})
+    ERROR.validate(response.json())
+    assert response.status_code == 405 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_platform_rate_limit_is_a_429_rate_limit_error_with_retry_after(server, tenants):
+    _, _, secret = tenants.make(tier={"requests_per_minute": 1})
+    client = anthropic.Anthropic(base_url=server.url, api_key=secret, max_retries=0)
+    ask = {"model": "local", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    client.messages.create(**ask)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.create(**ask)
+    ERROR.validate(caught.value.body)
+    assert int(caught.value.response.headers["retry-after"]) >= 1

@@ -45,8 +45,10 @@ def test_a_request_from_another_protocol_is_translated():
 
 
 def test_thinking_deltas_and_signatures_become_reasoning_deltas():
-    mapper = StreamMapper("claude-up", Outcome())
+    outcome = Outcome()
+    mapper = StreamMapper("claude-up", outcome)
     thinking = mapper.feed(NS(type="content_block_delta", index=0, delta=NS(type="thinking_delta", thinking="hm")))
+    assert outcome.first_token_at is not None  # thinking is output: a stream cut now is billed for it
     signed = mapper.feed(NS(type="content_block_delta", index=0, delta=NS(type="signature_delta", signature="sig")))
     assert thinking["choices"][0]["delta"] == {"reasoning_content": "hm"}
     assert signed["choices"][0]["delta"] == {"reasoning_signature": "sig"}
