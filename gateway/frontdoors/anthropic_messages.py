@@ -2,8 +2,8 @@
 
 A translator only, so that the official `anthropic` SDK works with `base_url` at the platform:
 the body becomes a `ChatRequest` (anthropic_wire.py), a `ChatSession` runs it on any lane, and
-its events become an Anthropic `Message` or Anthropic's event stream. Every error this door
-answers, whatever raised it, is in Anthropic's shape.
+its events become an Anthropic `Message` or Anthropic's event stream (anthropic_render.py).
+Every error this door answers, whatever raised it, is in Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..chat import CancelToken, ChatSession
 from ..chat.call import resolve_route
 from ..errors import GatewayError, method_not_allowed
 from ..tokens import count_messages
+from . import anthropic_render as render
 from . import anthropic_wire as wire
 from .common import principal_of, until_disconnect
 
@@ -61,8 +62,8 @@ def anthropic_errors(handler):
 
 
 async def send_error(send, exc: GatewayError, request_id: str) -> None:
-    status, _ = wire.error_status(exc)
-    await send_json(send, status, wire.error_body(exc, request_id), request_id,
+    status, _ = render.error_status(exc)
+    await send_json(send, status, render.error_body(exc, request_id), request_id,
                     {**exc.headers, "request-id": request_id})
 
 
@@ -87,7 +88,7 @@ async def create_message(request: Request, receive, send) -> None:
 
 
 def _message_id(start) -> str:
-    return wire.message_id(start.original_call_id or start.call_id)
+    return render.message_id(start.original_call_id or start.call_id)
 
 
 async def _json(request: Request, send, session: ChatSession) -> None:
@@ -99,14 +100,14 @@ async def _json(request: Request, send, session: ChatSession) -> None:
                 completion = event.completion
             elif event.kind == "finish":  # its usage has the cache counts the completion's lacks
                 model = completion.as_dict.get("model") or start.upstream_model or start.model
-                message = wire.to_message(completion, _message_id(start), model, event.usage or completion.usage)
+                message = render.to_message(completion, _message_id(start), model, event.usage or completion.usage)
                 await send_json(send, 200, orjson.dumps(message), request.request_id,
                                 {"request-id": request.request_id}, pairs=start.headers)
 
 
 async def _stream(request: Request, send, session: ChatSession) -> None:
     frames: list[bytes] = []
-    renderer = wire.StreamRenderer("", "")  # replaced at Start, which always comes first
+    renderer = render.StreamRenderer("", "")  # replaced at Start, which always comes first
     async with contextlib.aclosing(session.events()) as events:
         async for event in events:
             if event.kind == "delta":
@@ -120,7 +121,7 @@ async def _stream(request: Request, send, session: ChatSession) -> None:
                 await send({"type": "http.response.start", "status": 200,
                             "headers": header_list(request.request_id, SSE,
                                                    {**SSE_HEADERS, "request-id": request.request_id}, event.headers)})
-                renderer = wire.StreamRenderer(_message_id(event), event.upstream_model or event.model)
+                renderer = render.StreamRenderer(_message_id(event), event.upstream_model or event.model)
                 frames.append(renderer.start())
             else:
                 end = renderer.finish(event.usage) if event.kind == "finish" else renderer.fail(event.error, request.request_id)

@@ -1,4 +1,5 @@
-"""The Anthropic front door's pure translators: requests in, Messages, events and errors out.
+"""The Anthropic front door's pure translators: requests in (anthropic_wire.py); Messages,
+events and errors out (anthropic_render.py).
 
 No network: bodies are parsed into the normalized request, normalized answers rendered back, and
 every rendered body validated against Anthropic's strict JSON Schemas (tests/schemas/).
@@ -14,9 +15,10 @@ import orjson
 import pytest
 
 from gateway.errors import GatewayError
+from gateway.frontdoors import anthropic_render as render
 from gateway.frontdoors import anthropic_wire as wire
 from gateway.providers.base import UpstreamError
-from gateway.types import Chunk, Completion, Usage
+from gateway.types import ChatRequest, Chunk, Completion, Usage
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -29,7 +31,7 @@ MESSAGE, STREAM_EVENT, ERROR = _validator("Message"), _validator("MessageStreamE
 LOOKUP = {"name": "lookup", "description": "Look up.", "input_schema": {"type": "object", "properties": {}}}
 
 
-def parse(**body) -> wire.ChatRequest:
+def parse(**body) -> ChatRequest:
     return wire.parse_request({"model": "m", "max_tokens": 10, **body})
 
 
@@ -155,7 +157,7 @@ def completion(message: dict, finish: str = "stop") -> Completion:
 
 def test_a_text_answer_is_a_valid_message_with_every_always_sent_field():
     usage = Usage(prompt_tokens=20, completion_tokens=5, cached_tokens=7, cache_creation_tokens=3)
-    message = wire.to_message(completion({"role": "assistant", "content": "hi"}), "msg_1", "up", usage)
+    message = render.to_message(completion({"role": "assistant", "content": "hi"}), "msg_1", "up", usage)
     MESSAGE.validate(message)
     assert message["content"] == [{"type": "text", "text": "hi", "citations": None}]
     assert (message["stop_reason"], message["stop_sequence"], message["container"]) == ("end_turn", None, None)
@@ -168,7 +170,7 @@ def test_tool_calls_and_thinking_become_blocks_in_anthropics_order():
     answer = completion({"role": "assistant", "content": None, "reasoning_content": "think", "reasoning_signature": "sig",
                          "tool_calls": [{"id": "call.1", "type": "function",
                                          "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]}, "tool_calls")
-    message = wire.to_message(answer, "msg_1", "up", None)
+    message = render.to_message(answer, "msg_1", "up", None)
     MESSAGE.validate(message)
     assert [b["type"] for b in message["content"]] == ["thinking", "tool_use"]
     assert message["content"][0] == {"type": "thinking", "thinking": "think", "signature": "sig"}
@@ -179,7 +181,7 @@ def test_tool_calls_and_thinking_become_blocks_in_anthropics_order():
 @pytest.mark.parametrize("finish, stop", [("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"),
                                           ("content_filter", "refusal"), (None, "end_turn")])
 def test_finish_reasons_become_stop_reasons(finish, stop):
-    assert wire.stop_reason(finish) == stop
+    assert render.stop_reason(finish) == stop
 
 
 # -- streams ---------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def events(raw: bytes) -> list[dict]:
 
 
 def test_text_then_a_tool_call_stream_in_anthropics_exact_sequence():
-    renderer = wire.StreamRenderer("msg_1", "up")
+    renderer = render.StreamRenderer("msg_1", "up")
     raw = renderer.start()
     for piece in (chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), chunk({"content": "lo"}),
                   chunk({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "lookup", "arguments": ""}}]}),
@@ -228,7 +230,7 @@ def test_text_then_a_tool_call_stream_in_anthropics_exact_sequence():
 
 
 def test_thinking_deltas_and_their_signature_open_a_thinking_block_first():
-    renderer = wire.StreamRenderer("msg_1", "up")
+    renderer = render.StreamRenderer("msg_1", "up")
     raw = renderer.start() + renderer.feed(chunk({"reasoning_content": "hmm"})) + renderer.feed(
         chunk({"reasoning_signature": "sig"})) + renderer.feed(chunk({"content": "ok"})) + renderer.finish(None)
     got = events(raw)
@@ -239,13 +241,13 @@ def test_thinking_deltas_and_their_signature_open_a_thinking_block_first():
 
 
 def test_an_empty_answer_still_pings_and_ends():
-    renderer = wire.StreamRenderer("msg_1", "up")
+    renderer = render.StreamRenderer("msg_1", "up")
     got = events(renderer.start() + renderer.feed(chunk({}, "stop")) + renderer.finish(None))
     assert [e["type"] for e in got] == ["message_start", "ping", "message_delta", "message_stop"]
 
 
 def test_usage_from_the_usage_only_chunk_is_used_when_the_end_carries_none():
-    renderer = wire.StreamRenderer("msg_1", "up")
+    renderer = render.StreamRenderer("msg_1", "up")
     usage_chunk = Chunk(obj={"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up", "choices": [],
                              "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}})
     renderer.feed(usage_chunk)
@@ -254,7 +256,7 @@ def test_usage_from_the_usage_only_chunk_is_used_when_the_end_carries_none():
 
 
 def test_a_failure_after_the_start_is_an_error_event():
-    got = events(wire.StreamRenderer.fail(GatewayError(502, "cut off", code="upstream_stream_cut"), "req_1"))
+    got = events(render.StreamRenderer.fail(GatewayError(502, "cut off", code="upstream_stream_cut"), "req_1"))
     assert got == [{"type": "error", "error": {"type": "api_error", "message": "cut off"}, "request_id": "req_1"}]
 
 
@@ -275,7 +277,7 @@ def test_a_failure_after_the_start_is_an_error_event():
     (UpstreamError(502, "x", upstream_status=500), 502, "api_error"),
 ])
 def test_every_platform_error_has_an_anthropic_status_and_type(exc, status, kind):
-    assert wire.error_status(exc) == (status, kind)
-    body = orjson.loads(wire.error_body(exc, "req_1"))
+    assert render.error_status(exc) == (status, kind)
+    body = orjson.loads(render.error_body(exc, "req_1"))
     ERROR.validate(body)
     assert body["error"]["type"] == kind
