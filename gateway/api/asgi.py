@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import GatewayError
+from ..frontdoors.anthropic_messages import count_tokens, create_message
 from ..frontdoors.openai_chat import chat_completions, resume_stream
 from ..frontdoors.openai_models import list_models, retrieve_model
 from ..frontdoors.openai_responses import responses
@@ -20,6 +21,8 @@ async def health(request: Request, receive, send) -> None:
 
 HOT_ROUTES = {
     "/v1/chat/completions": chat_completions,
+    "/v1/messages": create_message,
+    "/v1/messages/count_tokens": count_tokens,
     "/v1/models": list_models,
     "/v1/responses": responses,
     "/health": health,

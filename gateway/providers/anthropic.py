@@ -3,7 +3,8 @@
 Requests are validated OpenAI-shaped `ChatRequest`s; this adapter rewrites them into a
 `messages.create` call with the official async SDK (one client per provider instance, so one
 connection pool per base URL + credential + event loop) and rewrites the answer, or the stream
-of events, back into `chat.completion` / `chat.completion.chunk` objects.
+of events, back into `chat.completion` / `chat.completion.chunk` objects. A request that came in
+through the Anthropic front door (`req.native`) is forwarded as its client sent it instead.
 
 The mapping functions (`to_anthropic`, `to_openai_completion`, `StreamMapper`) are pure, so
 they can be tested without a network.
@@ -11,6 +12,7 @@ they can be tested without a network.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import uuid
@@ -38,6 +40,9 @@ FINISH_REASONS: dict[str, str] = {
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
+
+# What this SDK version's `messages.create` takes as arguments; anything else rides in extra_body.
+_SDK_PARAMS = frozenset(inspect.signature(anthropic.resources.AsyncMessages.create).parameters) - {"self"}
 
 # Prefixes of Anthropic's 400 messages that mean the prompt does not fit the model.
 _CONTEXT_MESSAGES = ("prompt is too long", "input length and `max_tokens` exceed context limit")
@@ -252,6 +257,25 @@ def to_anthropic(lane: LaneSpec, req: ChatRequest) -> dict[str, Any]:
     return kwargs
 
 
+def native_request(lane: LaneSpec, req: ChatRequest) -> dict[str, Any] | None:
+    """Keyword arguments for `messages.create` from the body an Anthropic front door received,
+    forwarded unchanged (thinking, cache_control, top_k, document and image blocks...) but for
+    the lane's upstream model; None when the request did not come in Anthropic's protocol."""
+    if req.native is None or req.native[0] != "anthropic":
+        return None
+    body = req.native[1]
+    kwargs: dict[str, Any] = {"model": lane.upstream_model, "messages": body["messages"],
+                              "max_tokens": req.max_tokens if req.max_tokens is not None else body["max_tokens"]}
+    rest = {k: v for k, v in body.items() if k not in ("model", "messages", "max_tokens", "stream")}
+    if rest:
+        kwargs["extra_body"] = rest  # merged into the JSON body as it is, whatever the SDK version knows
+    return kwargs
+
+
+def request_for(lane: LaneSpec, req: ChatRequest) -> dict[str, Any]:
+    return native_request(lane, req) or to_anthropic(lane, req)
+
+
 # -- response mapping ------------------------------------------------------------------------
 
 
@@ -274,12 +298,18 @@ def usage_from_anthropic(usage: Any) -> Usage:
 
 
 def to_openai_completion(message: Any, created: int | None = None) -> dict:
-    """An Anthropic `Message` as an OpenAI `chat.completion` (thinking blocks are left out)."""
+    """An Anthropic `Message` as an OpenAI `chat.completion`; thinking blocks (only ever asked
+    for through the Anthropic front door) become `reasoning_content` and `reasoning_signature`."""
     texts: list[str] = []
     calls: list[dict] = []
+    thinking: list[str] = []
+    signature = None
     for block in message.content:
         if block.type == "text":
             texts.append(block.text)
+        elif block.type == "thinking":
+            thinking.append(block.thinking)
+            signature = block.signature or signature
         elif block.type == "tool_use":
             calls.append({
                 "id": block.id,
@@ -289,6 +319,9 @@ def to_openai_completion(message: Any, created: int | None = None) -> dict:
     reply: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
     if calls:
         reply["tool_calls"] = calls
+    if thinking:
+        reply["reasoning_content"] = "".join(thinking)
+        reply["reasoning_signature"] = signature
     return {
         "id": f"chatcmpl-{message.id}",
         "object": "chat.completion",
@@ -366,7 +399,8 @@ class StreamMapper:
 
     def feed(self, event: Any) -> dict | None:
         """The chunk for one event, or None for events OpenAI has no word for (pings, block
-        stops, thinking deltas, empty fragments)."""
+        stops, empty fragments). Thinking deltas (asked for only through the Anthropic front
+        door) become `reasoning_content` and `reasoning_signature` deltas."""
         kind = event.type
         if kind == "content_block_delta":
             delta = event.delta
@@ -375,6 +409,10 @@ class StreamMapper:
             if delta.type == "input_json_delta" and event.index in self.tool_index and delta.partial_json:
                 k = self.tool_index[event.index]
                 return self._content({"tool_calls": [{"index": k, "function": {"arguments": delta.partial_json}}]})
+            if delta.type == "thinking_delta" and delta.thinking:  # output too: a cut stream bills it
+                return self._content({"reasoning_content": delta.thinking})
+            if delta.type == "signature_delta" and delta.signature:
+                return self._content({"reasoning_signature": delta.signature})
             return None
         if kind == "content_block_start":
             block = event.content_block
@@ -435,6 +473,9 @@ class AnthropicProvider(Provider):
         total = policy.timeouts.total_s or total
         idle = min(policy.timeouts.idle_s, total) if policy.timeouts.idle_s else total
         timeout = anthropic.Timeout(total, connect=policy.timeouts.connect_s or connect, read=idle)
+        extra = {name: kwargs.pop(name) for name in list(kwargs) if name not in _SDK_PARAMS}
+        if extra:  # e.g. temperature, which newer SDK versions no longer take as an argument
+            kwargs["extra_body"] = {**extra, **kwargs.get("extra_body", {})}
         try:
             return await self.client.messages.create(**kwargs, stream=stream, timeout=timeout)
         except anthropic.APIStatusError as exc:
@@ -448,7 +489,7 @@ class AnthropicProvider(Provider):
             raise UpstreamError(502, f"The provider '{self.kind}' sent a malformed answer.", code="upstream_malformed", retryable=True) from None
 
     async def complete(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> Completion:
-        message = await self._create(to_anthropic(lane, req), stream=False, lane=lane)
+        message = await self._create(request_for(lane, req), stream=False, lane=lane)
         outcome.first_token_at = time.perf_counter()
         outcome.provider_request_id = message._request_id
         obj = to_openai_completion(message)
@@ -460,7 +501,7 @@ class AnthropicProvider(Provider):
         return Completion(obj=obj)
 
     async def stream(self, lane: LaneSpec, req: ChatRequest, outcome: Outcome) -> AsyncIterator[Chunk]:
-        upstream = await self._create(to_anthropic(lane, req), stream=True, lane=lane)
+        upstream = await self._create(request_for(lane, req), stream=True, lane=lane)
         outcome.provider_request_id = upstream.response.headers.get("request-id")
         mapper = StreamMapper(lane.upstream_model, outcome)
         try:
