@@ -40,6 +40,7 @@ class Start:
     stream_id: str | None = None  # set when the events are kept: resume with this id
     replayed: bool = False  # an Idempotency-Key replay of an earlier call's events
     original_call_id: str | None = None  # the call being replayed
+    prompt_tokens: int = 0  # the platform's count of the prompt (0 for a replay)
 
     kind = "start"
 

@@ -88,7 +88,7 @@ class ChatSession:
 
     def _start(self, call: ChatCall, stream_id: str | None) -> Start:
         return Start(self.call_id, self.req.model, call.outcome.upstream_model or call.lane.upstream_model,
-                     call.lane.provider, call.response_headers(), stream_id)
+                     call.lane.provider, call.response_headers(), stream_id, prompt_tokens=call.prompt_tokens)
 
     async def _run(self, claimed: _Claimed | None):
         token = self.cancel

@@ -121,7 +121,8 @@ async def _stream(request: Request, send, session: ChatSession) -> None:
                 await send({"type": "http.response.start", "status": 200,
                             "headers": header_list(request.request_id, SSE,
                                                    {**SSE_HEADERS, "request-id": request.request_id}, event.headers)})
-                renderer = render.StreamRenderer(_message_id(event), event.upstream_model or event.model)
+                renderer = render.StreamRenderer(_message_id(event), event.upstream_model or event.model,
+                                                 event.prompt_tokens)
                 frames.append(renderer.start())
             else:
                 end = renderer.finish(event.usage) if event.kind == "finish" else renderer.fail(event.error, request.request_id)

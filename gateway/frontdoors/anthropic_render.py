@@ -105,9 +105,10 @@ class StreamRenderer:
     Text, thinking and each tool call are one content block each, opened when their first delta
     arrives and closed when another kind starts or the answer ends."""
 
-    def __init__(self, msg_id: str, model: str) -> None:
+    def __init__(self, msg_id: str, model: str, prompt_tokens: int = 0) -> None:
         self.msg_id = msg_id
         self.model = model
+        self.prompt_tokens = prompt_tokens  # message_start's input count, before the provider's
         self.blocks = 0  # content blocks opened so far
         self.open: str | None = None  # the open block's kind: "text", "thinking" or "tool"
         self.tools: dict[int, int] = {}  # the normalized tool call index -> its block index
@@ -118,7 +119,7 @@ class StreamRenderer:
     def start(self) -> bytes:
         message = {"id": self.msg_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                    "stop_reason": None, "stop_sequence": None, "stop_details": None, "container": None,
-                   "usage": message_usage(None)}
+                   "usage": message_usage(Usage(prompt_tokens=self.prompt_tokens))}
         return event({"type": "message_start", "message": message})
 
     def _close(self, out: list[bytes]) -> None:

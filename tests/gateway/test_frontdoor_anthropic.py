@@ -157,6 +157,7 @@ def test_a_streamed_text_answer_follows_anthropics_event_sequence(server, tenant
     assert "hi you" in text
     final = events[-2][1]
     assert final["delta"]["stop_reason"] == "end_turn"
+    assert events[0][1]["message"]["usage"]["input_tokens"] > 0  # the platform's count, before the provider's
     row = usage_row(request_id)
     assert row.front_door == "anthropic" and row.stream and not row.partial
     assert final["usage"]["output_tokens"] == row.completion_tokens
