@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
 _sync_client: redis.Redis | None = None
-_async_clients: dict[int, aioredis.Redis] = {}
+# By the loop object, not id(loop): a later loop may reuse a dead one's id, and get its client.
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 SOCKET_TIMEOUT = 2.0  # a Redis that stops answering must fail fast, not hang the request
@@ -34,8 +36,8 @@ def get_redis() -> redis.Redis:
 
 def get_async_redis() -> aioredis.Redis:
     """The asyncio client bound to the running loop (clients cannot cross event loops)."""
-    loop_id = id(asyncio.get_running_loop())
-    client = _async_clients.get(loop_id)
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
     if client is None:
         # Blocking pool: past max_connections a command waits (up to POOL_TIMEOUT) for a
         # connection to come back instead of failing at once with "Too many connections".
@@ -48,7 +50,7 @@ def get_async_redis() -> aioredis.Redis:
             timeout=POOL_TIMEOUT,
         )
         client = aioredis.Redis(connection_pool=pool)
-        _async_clients[loop_id] = client
+        _async_clients[loop] = client
     return client
 
 
