@@ -341,8 +341,9 @@ def _validate_params(data: dict) -> dict:
     names = _validate_tools(params["tools"]) if "tools" in params else []
     if "tool_choice" in params:
         _validate_tool_choice(params["tool_choice"], names)
-    if "user" in params and (not isinstance(params["user"], str) or len(params["user"]) > 256):
-        raise invalid("Invalid 'user': a string of at most 256 characters.", "user")
+    # No NUL: PostgreSQL cannot store it, so the call's usage row could not be written.
+    if "user" in params and (not _str(params["user"]) or len(params["user"]) > 256 or "\x00" in params["user"]):
+        raise invalid("Invalid 'user': a string of at most 256 characters, without NUL.", "user")
     if "logprobs" in params and not isinstance(params["logprobs"], bool):
         raise invalid("Invalid 'logprobs': must be a boolean.", "logprobs")
     if "top_logprobs" in params and (not _is_int(params["top_logprobs"]) or not 0 <= params["top_logprobs"] <= 20):

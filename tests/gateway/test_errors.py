@@ -137,6 +137,19 @@ def test_a_field_nested_300_deep_with_an_idempotency_key_is_400_naming_it(server
     assert "nested more than 64 levels" in error["message"]
 
 
+def test_tool_arguments_nested_past_what_json_parses_are_400_on_an_anthropic_lane(server, tenant):
+    """The Anthropic mapping parses tool-call arguments; past ~1000 levels that is a RecursionError."""
+    arguments = '{"a":' * 3000 + "1" + "}" * 3000
+    body = chat_body(model="claude-sonnet", messages=_with_arguments(arguments))
+    assert_error(*call(server, "/v1/chat/completions", body, headers=auth(tenant[2])), 400,
+                 param="messages[1].tool_calls[0].function.arguments")
+
+
+def test_a_user_field_with_nul_is_400_as_its_usage_row_could_not_be_stored(server, tenant):
+    assert_error(*call(server, "/v1/chat/completions", chat_body(user="a\u0000b"), headers=auth(tenant[2])), 400,
+                 param="user")
+
+
 def test_nesting_up_to_the_limit_is_accepted(server, tenant):
     """The body is level 1, tools 2, the tool 3, function 4: parameters may nest 60 levels."""
     tools = [{"type": "function", "function": {"name": "deep", "parameters": nested(60, {"type": "object"})}}]

@@ -91,7 +91,7 @@ OPTIONAL = {
     "max_completion_tokens": st.integers(1, 300),
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
-    "user": TEXT,
+    "user": TEXT.map(lambda text: text.replace("\x00", "")),
     "metadata": st.dictionaries(TEXT, TEXT, max_size=3),
     "logprobs": st.booleans(),
     "top_logprobs": st.integers(0, 20),
