@@ -23,6 +23,7 @@ from .errors import GatewayError, invalid
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 LEADING_ROLES = frozenset({"system", "developer"})
+EMPTY_REFUSED = frozenset({"user", "system", "developer"})  # an empty string content is refused
 PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _FEATURE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
@@ -60,7 +61,7 @@ def _str(value: Any) -> bool:
 
 
 def parse_json(body: bytes) -> dict:
-    """The body as a JSON object nested at most MAX_DEPTH levels."""
+    """The body as a JSON object (validate_chat bounds its nesting)."""
     if not body:
         raise invalid("The request body is empty; send a JSON object.")
     try:
@@ -71,23 +72,48 @@ def parse_json(body: bytes) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.")
-    # Fewer brackets than levels allowed cannot nest too deep: most bodies skip the walk.
-    if body.count(b"{") + body.count(b"[") > MAX_DEPTH:
-        check_depth(data)
     return data
 
 
-def check_depth(data: dict) -> None:
-    """400 naming the field that nests deeper than MAX_DEPTH levels (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
+def _too_deep(values: Any, level: int) -> bool:
+    """Whether any container among `values` (at nesting `level`, the body being 1) or inside
+    them goes past MAX_DEPTH. Iterative: a 1,000-level body cannot exhaust the stack."""
+    stack = [(values, level)]
     while stack:
-        node, depth = stack.pop()
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (dict, list)):
-                if depth >= MAX_DEPTH:
-                    param = _deep_param(data)
-                    raise invalid(f"Invalid '{param}': nested more than {MAX_DEPTH} levels deep.", param)
-                stack.append((child, depth + 1))
+        values, level = stack.pop()
+        for child in values:
+            if isinstance(child, dict):
+                if level > MAX_DEPTH:
+                    return True
+                stack.append((child.values(), level + 1))
+            elif isinstance(child, list):
+                if level > MAX_DEPTH:
+                    return True
+                stack.append((child, level + 1))
+    return False
+
+
+def _nests_too_deep(data: dict, rich_messages: list[dict]) -> bool:
+    """Whether the body nests past MAX_DEPTH. A message with just a role and a string content
+    holds no container, so only the others and the top-level values other than `messages` can.
+    First a bound at C speed: they cannot nest deeper than they have brackets in their JSON."""
+    others = [value for key, value in data.items() if key != "messages" and isinstance(value, (dict, list))]
+    if not rich_messages and not others:
+        return False
+    try:
+        text = orjson.dumps((rich_messages, others))
+    except orjson.JSONEncodeError:  # past 254 levels
+        return True
+    # A message is at level 3 (the body is 1, messages 2), a top-level value at 2; 3 wrappers.
+    if 2 + text.count(b"{") + text.count(b"[") - 3 <= MAX_DEPTH:
+        return False
+    return (any(_too_deep(message.values(), 4) for message in rich_messages)
+            or _too_deep(others, 2))
+
+
+def _too_deep_error(data: dict) -> GatewayError:
+    param = _deep_param(data)
+    return invalid(f"Invalid '{param}': nested more than {MAX_DEPTH} levels deep.", param)
 
 
 def _deep_param(data: dict) -> str:
@@ -163,6 +189,8 @@ def _check_part(part: dict, kind: str, where: str) -> None:
 
 
 def _validate_messages(messages: Any) -> list[dict]:
+    """The messages, checked; those with more than a role and a string content (which may hold
+    nested values) are listed for the nesting check."""
     limits = settings.GATEWAY
     if not isinstance(messages, list) or not messages:
         raise invalid("'messages' must be a non-empty array.", "messages")
@@ -173,57 +201,44 @@ def _validate_messages(messages: Any) -> list[dict]:
     chars = 0
     seen_other = False
     seen_user = False
+    rich = []
     for i, message in enumerate(messages):
-        param = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise invalid(f"'{param}' must be an object.", param)
+            raise invalid(f"'messages[{i}]' must be an object.", f"messages[{i}]")
         role = message.get("role")
-        if not _str(role) or role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise invalid(
-                f"Invalid value for '{param}.role': {_shown(role)}. Supported roles are "
+                f"Invalid value for 'messages[{i}].role': {_shown(role)}. Supported roles are "
                 "'system', 'developer', 'user', 'assistant' and 'tool'.",
-                f"{param}.role",
+                f"messages[{i}].role",
             )
         if role in LEADING_ROLES:
             if seen_other:
                 raise invalid(
-                    f"'{param}': a {role} message may only come first, before other messages.",
-                    f"{param}.role",
+                    f"'messages[{i}]': a {role} message may only come first, before other messages.",
+                    f"messages[{i}].role",
                 )
         else:
             seen_other = True
-        name = message.get("name")
-        if name is not None and not _str(name):
-            raise invalid(f"Invalid type for '{param}.name': expected a string.", f"{param}.name")
+            if role == "user":
+                seen_user = True
         content = message.get("content")
-        if role == "assistant" and content is None:
-            if not message.get("tool_calls") and not message.get("function_call"):
-                raise invalid(
-                    f"'{param}.content' is required unless the assistant message has tool_calls.",
-                    f"{param}.content",
-                )
-        else:
-            if content is None:
-                raise invalid(f"Missing required parameter: '{param}.content'.", f"{param}.content")
-            length = _content_length(content, f"{param}.content")
-            if length == 0 and role in ("user", "system", "developer") and isinstance(content, str):
-                raise invalid(f"'{param}.content' must not be empty.", f"{param}.content")
-            chars += length
-        if role == "tool" and not _str(message.get("tool_call_id")):
+        if type(content) is str:  # the common case, kept short: the hot path validates every message
+            if not content and role in EMPTY_REFUSED:
+                raise invalid(f"'messages[{i}].content' must not be empty.", f"messages[{i}].content")
+            chars += len(content)
+        elif content is not None:
+            chars += _content_length(content, f"messages[{i}].content")
+        elif role != "assistant":
+            raise invalid(f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content")
+        elif not message.get("tool_calls") and not message.get("function_call"):
             raise invalid(
-                f"Missing required parameter: '{param}.tool_call_id'.", f"{param}.tool_call_id"
+                f"'messages[{i}].content' is required unless the assistant message has tool_calls.",
+                f"messages[{i}].content",
             )
-        if message.get("tool_calls") is not None:
-            if role != "assistant":
-                raise invalid(f"'{param}.tool_calls' is only allowed on assistant messages.", f"{param}.tool_calls")
-            _validate_tool_calls(message["tool_calls"], f"{param}.tool_calls")
-        if message.get("function_call") is not None:
-            if role != "assistant":
-                raise invalid(f"'{param}.function_call' is only allowed on assistant messages.",
-                              f"{param}.function_call")
-            _validate_function(message["function_call"], f"{param}.function_call")
-        if role == "user":
-            seen_user = True
+        if len(message) != 2 or type(content) is not str or role == "tool":
+            _check_fields(message, role, f"messages[{i}]")
+            rich.append(message)
     if not seen_user:
         raise invalid("'messages' must contain at least one user message.", "messages")
     if chars > limits["MAX_CONTENT_CHARS"]:
@@ -231,7 +246,24 @@ def _validate_messages(messages: Any) -> list[dict]:
             f"The messages are too long: {chars} characters > {limits['MAX_CONTENT_CHARS']}.",
             "messages",
         )
-    return messages
+    return rich
+
+
+def _check_fields(message: dict, role: str, param: str) -> None:
+    """A message's fields beyond its role and content."""
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        raise invalid(f"Invalid type for '{param}.name': expected a string.", f"{param}.name")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise invalid(f"Missing required parameter: '{param}.tool_call_id'.", f"{param}.tool_call_id")
+    if message.get("tool_calls") is not None:
+        if role != "assistant":
+            raise invalid(f"'{param}.tool_calls' is only allowed on assistant messages.", f"{param}.tool_calls")
+        _validate_tool_calls(message["tool_calls"], f"{param}.tool_calls")
+    if message.get("function_call") is not None:
+        if role != "assistant":
+            raise invalid(f"'{param}.function_call' is only allowed on assistant messages.", f"{param}.function_call")
+        _validate_function(message["function_call"], f"{param}.function_call")
 
 
 def _shown(value: Any) -> str:
@@ -402,7 +434,10 @@ def validate_chat(data: dict, feature_header: str | None = None, overflow_header
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise invalid("Missing required parameter: 'model'.", "model")
-    messages = _validate_messages(data.get("messages"))
+    messages = data.get("messages")
+    rich = _validate_messages(messages)
+    if _nests_too_deep(data, rich):  # before anything reads the rest (a schema check recurses)
+        raise _too_deep_error(data)
     stream = data.get("stream", False)
     if stream is None:
         stream = False

@@ -9,6 +9,7 @@ import jsonschema
 import openai
 import pytest
 
+from gateway.api.errors import GatewayError
 from tests.conftest import schema
 
 ERROR_SCHEMA = schema("openai.ErrorResponse")
@@ -135,6 +136,31 @@ def test_a_field_nested_300_deep_with_an_idempotency_key_is_400_naming_it(server
     headers = {**auth(tenant[2]), "Idempotency-Key": f"deep-{stream}"}
     error = assert_error(*call(server, "/v1/chat/completions", body, headers=headers), 400, param="extra")
     assert "nested more than 64 levels" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "overrides, param",
+    [
+        ({"extra": nested(100)}, "extra"),
+        ({"logit_bias": nested(100)}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x", "extra": nested(100)}]}, "messages[0].extra"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "extra": nested(100)}]}]},
+         "messages[0].content[0].extra"),
+        ({"messages": [{"role": "user", "content": "x"}, {**CALLED, "tool_calls": [
+            {**CALLED["tool_calls"][0], "function": {"name": "f", "arguments": "{}", "extra": nested(100)}}]}]},
+         "messages[1].tool_calls[0].function.extra"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": nested(100)}}},
+         "response_format.json_schema.schema"),
+    ],
+)
+def test_nesting_past_64_levels_is_400_naming_where_it_starts(overrides, param):
+    """Named down to where the gateway's own shape ends: the field a client can find and fix."""
+    from gateway.api.validation import parse_json, validate_chat
+
+    with pytest.raises(GatewayError) as caught:
+        validate_chat(parse_json(chat_body(**overrides)))
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert "nested more than 64 levels" in caught.value.message
 
 
 def test_tool_arguments_nested_past_what_json_parses_are_400_on_an_anthropic_lane(server, tenant):
