@@ -102,10 +102,10 @@ def _nests_too_deep(data: dict, rich_messages: list[dict]) -> bool:
         return False
     try:
         text = orjson.dumps((rich_messages, others))
-    except orjson.JSONEncodeError:  # past 254 levels
-        return True
+    except orjson.JSONEncodeError:  # past 254 levels: the walk below finds where
+        text = None
     # A message is at level 3 (the body is 1, messages 2), a top-level value at 2; 3 wrappers.
-    if 2 + text.count(b"{") + text.count(b"[") - 3 <= MAX_DEPTH:
+    if text is not None and 2 + text.count(b"{") + text.count(b"[") - 3 <= MAX_DEPTH:
         return False
     return (any(_too_deep(message.values(), 4) for message in rich_messages)
             or _too_deep(others, 2))
