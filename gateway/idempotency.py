@@ -58,8 +58,16 @@ def check_key(value: str) -> str:
 
 
 def fingerprint(data: dict) -> str:
-    """The request's identity: sha256 of its parsed body as canonical JSON (keys sorted)."""
-    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    """The request's identity: sha256 of its parsed body as canonical JSON (keys sorted).
+
+    The boundary refuses bodies nested deeper than orjson writes (validation.MAX_DEPTH); should
+    one get here, it is the client's 400, not a crash."""
+    try:
+        canonical = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        raise GatewayError(400, "The request body is nested too deeply to be identified for its Idempotency-Key.",
+                           param=PARAM) from None
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def redis_key(tenant_id: int, key: str) -> str:

@@ -63,12 +63,16 @@ def _clip(text: str) -> str:
 
 
 def _build(schema: dict) -> Validator:
+    if not isinstance(schema.get("$schema", ""), str):  # validator_for looks it up as a key
+        raise _invalid_schema("'$schema' must be a string (a dialect's URI).")
     cls = validator_for(schema, default=Draft202012Validator)
     try:
         cls.check_schema(schema)
     except SchemaError as exc:
         path = exc.json_path if exc.path else ""
         raise _invalid_schema(f"{exc.message}{f' at {path}' if path else ''}") from None
+    except RecursionError:  # the boundary bounds nesting; this is the last guard
+        raise _invalid_schema("it is nested too deeply to check.") from None
     return cls(schema)
 
 
@@ -81,8 +85,8 @@ def _validator(schema: dict) -> Validator:
     """Compiled once per distinct schema: the same schema arrives on request after request."""
     try:
         key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # not representable canonically (should not happen for parsed JSON)
-        return _build(schema)
+    except TypeError:  # orjson's nesting limit (254 levels); the boundary allows far fewer
+        raise _invalid_schema("it is nested too deeply.") from None
     return _build_cached(key)
 
 

@@ -84,22 +84,33 @@ def _content_text(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return "".join(text for part in content if isinstance(part, dict) and isinstance(text := part.get("text"), str))
     return ""
 
 
+def _str(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def count_messages(messages: list[dict], model: str = "", tools: list[dict] | None = None) -> int:
-    """OpenAI's chat accounting: 3 tokens per message, 1 per name, 3 to prime the reply."""
+    """OpenAI's chat accounting: 3 tokens per message, 1 per name, 3 to prime the reply.
+
+    Messages come validated (gateway/api/validation.py); a value of another type than the
+    validator lets through counts as nothing rather than raising.
+    """
     enc = encoding(encoding_name_for(model))
     total = 3
     for message in messages:
         total += 3
         total += len(enc.encode(_content_text(message.get("content")), disallowed_special=()))
-        if message.get("name"):
-            total += 1 + len(enc.encode(message["name"], disallowed_special=()))
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            total += 3 + len(enc.encode(function.get("name", "") + function.get("arguments", ""), disallowed_special=()))
+        if name := _str(message.get("name")):
+            total += 1 + len(enc.encode(name, disallowed_special=()))
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                text = _str(function.get("name")) + _str(function.get("arguments"))
+                total += 3 + len(enc.encode(text, disallowed_special=()))
     if tools:
         import orjson
 

@@ -142,7 +142,7 @@ def _tool_input(arguments: Any, param: str) -> dict:
         return {}
     try:
         value = json.loads(arguments) if isinstance(arguments, str) else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested past ~1000 levels
         value = None
     if not isinstance(value, dict):
         raise GatewayError(400, f"'{param}' must be a JSON object encoded as a string.", param=param, code="invalid_tool_arguments")
