@@ -37,12 +37,12 @@ from hypothesis import strategies as st
 
 from gateway.api.errors import GatewayError
 from gateway.api.validation import parse_json, validate_chat
+from gateway.chat.call import CallContext, ChatCall
 from gateway.idempotency import fingerprint
 from gateway.providers.anthropic import to_anthropic
 from gateway.providers.local import LocalProvider
 from gateway.providers.openai import build_body
 from gateway.routing import LaneSpec, Route
-from gateway.service import CallContext, ChatCall
 from tenants.principal import Principal
 from tests.conftest import schema
 
