@@ -78,9 +78,18 @@ def ensure_group(client: redis.Redis) -> None:
 
 
 def to_record(row: UsageRow) -> UsageRecord:
-    """The one place a UsageRow becomes a UsageRecord: field for column, the time as a datetime."""
+    """The one place a UsageRow becomes a UsageRecord: field for column, the time as a datetime.
+    PostgreSQL refuses NUL characters in text and jsonb (a prompt may hold one): they are stored
+    as U+FFFD rather than losing the row."""
     data = {name: getattr(row, name) for name in COLUMNS}
     data["created_at"] = datetime.fromtimestamp(row.created_at, tz=UTC)
+    for name, value in data.items():
+        if isinstance(value, str) and "\x00" in value:
+            data[name] = value.replace("\x00", "\ufffd")
+    if data.get("prompt") is not None:
+        raw = orjson.dumps(data["prompt"])
+        if b"\\u0000" in raw:
+            data["prompt"] = orjson.loads(raw.replace(b"\\u0000", b"\\ufffd"))
     return UsageRecord(**data)
 
 

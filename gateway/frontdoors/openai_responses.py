@@ -21,6 +21,7 @@ from llm_platform.db import orm
 
 from .. import idempotency
 from ..api.http import Request, header_list, send_json
+from ..api.nesting import nests_too_deep, too_deep_error
 from ..api.validation import parse_json, validate_chat
 from ..chat import CancelToken, ChatSession
 from ..errors import GatewayError, invalid, method_not_allowed
@@ -44,13 +45,19 @@ def _load(tenant_id: int, response_id: str) -> StoredResponse | None:
                                          expires_at__gt=datetime.now(UTC)).first()
 
 
+def _storable(value):
+    """PostgreSQL's jsonb refuses NUL characters (JSON allows them): stored as U+FFFD instead."""
+    raw = orjson.dumps(value)
+    return orjson.loads(raw.replace(b"\\u0000", b"\\ufffd")) if b"\\u0000" in raw else value
+
+
 def _save(tenant_id: int, body: dict, data: dict, items: list, conversation: list) -> None:
     now = datetime.now(UTC)
     StoredResponse.objects.create(
-        id=body["id"], tenant_id=tenant_id, created_at=now, model=str(data.get("model")),
+        id=body["id"], tenant_id=tenant_id, created_at=now, model=str(data.get("model")).replace("\x00", "\ufffd"),
         expires_at=now + timedelta(days=settings.GATEWAY["RESPONSES_TTL_DAYS"]),
-        previous_response_id=data.get("previous_response_id") or "", body=body, input_items=items,
-        conversation=conversation)
+        previous_response_id=data.get("previous_response_id") or "", body=_storable(body),
+        input_items=_storable(items), conversation=_storable(conversation))
 
 
 async def responses(request: Request, receive, send) -> None:
@@ -62,6 +69,10 @@ async def responses(request: Request, receive, send) -> None:
     body = await request.read_body(receive, settings.GATEWAY["MAX_BODY_BYTES"])
     principal = await principal_of(request)
     data = parse_json(body)
+    if nests_too_deep(data, []):  # before anything echoes or stores a part of it
+        raise too_deep_error(data)
+    if not isinstance(data.get("store", True), bool):
+        raise invalid("Invalid 'store': expected a boolean.", "store")
     history: list[dict] = []
     previous = data.get("previous_response_id")
     if previous is not None:

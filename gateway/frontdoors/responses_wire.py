@@ -26,6 +26,8 @@ def _text_part(part: Any, param: str) -> dict:
     if not isinstance(part, dict):
         raise invalid(f"Invalid '{param}': expected an object.", param)
     kind = part.get("type")
+    if not isinstance(kind, str):
+        raise invalid(f"Invalid '{param}.type': expected a string.", f"{param}.type")
     if kind in ("input_text", "output_text"):
         text = part.get("text")
         if not isinstance(text, str):
@@ -45,7 +47,7 @@ def _text_part(part: Any, param: str) -> dict:
 
 def _message(item: dict, param: str) -> dict:
     role = item.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise invalid(f"Invalid '{param}.role': expected one of user, assistant, system, developer.", f"{param}.role")
     content = item.get("content")
     if isinstance(content, str):
@@ -73,6 +75,8 @@ def input_messages(value: Any) -> tuple[list[dict], list[dict]]:
         if not isinstance(item, dict):
             raise invalid(f"Invalid '{param}': expected an object.", param)
         kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise invalid(f"Invalid '{param}.type': expected a string.", f"{param}.type")
         if kind == "message":
             messages.append(_message(item, param))
         elif kind == "function_call":
@@ -130,7 +134,7 @@ def _response_format(text: Any) -> dict | None:
     fmt = text.get("format") if isinstance(text, dict) else None
     if fmt is None:
         return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in FORMATS:
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str) or fmt["type"] not in FORMATS:
         raise invalid("Invalid 'text.format.type': expected text, json_schema or json_object.", "text.format.type")
     if fmt["type"] == "text":
         return None

@@ -97,3 +97,14 @@ def test_a_row_recorded_comes_out_of_the_ledger_with_every_field(tenants):
         assert getattr(stored, field.name) == expected, field.name
     assert stored.cost_usd == Decimal("0.150425783")
     stored.delete()
+
+
+def test_a_row_holding_nul_characters_is_stored_not_set_aside(tenants):
+    tenant, key, _ = tenants.make()
+    row = UsageRow(**fields(tenant_id=tenant.pk, api_key_id=key.pk, prompt=[{"role": "user", "content": "a\x00b"}],
+                            completion="c\x00d", end_user="u\x00"))
+    asyncio.run(recorder.record(row))
+    drain_all("test-writer")
+    stored = UsageRecord.objects.get(request_id=row.request_id)
+    assert stored.prompt == [{"role": "user", "content": "a\ufffdb"}]
+    assert stored.completion == "c\ufffdd" and stored.end_user == "u\ufffd"

@@ -325,11 +325,11 @@ class Client:
         self.secret = secret
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
 
-    def post(self, raw: bytes, headers: dict[str, str]) -> Answer:
+    def post(self, raw: bytes, headers: dict[str, str], path: str = "/v1/chat/completions") -> Answer:
         headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json", **headers}
         for attempt in (1, 2):
             try:
-                self.conn.request("POST", "/v1/chat/completions", body=raw, headers=headers)
+                self.conn.request("POST", path, body=raw, headers=headers)
                 response = self.conn.getresponse()
                 answer = Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
                 if response.will_close:
