@@ -33,7 +33,7 @@ from django.conf import settings
 
 from llm_platform.redis import get_async_redis
 
-from .api.errors import GatewayError
+from .errors import GatewayError
 from .scripts import LuaScript
 
 log = logging.getLogger("gateway.idempotency")

@@ -25,7 +25,7 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 from referencing.exceptions import Unresolvable
 
-from .api.errors import GatewayError
+from .errors import GatewayError
 from .types import ChatRequest, Completion
 
 SCHEMA_PARAM = "response_format.json_schema.schema"

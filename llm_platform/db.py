@@ -30,7 +30,7 @@ from typing import TypeVar
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
-from gateway.api.errors import GatewayError
+from gateway.errors import GatewayError
 
 log = logging.getLogger("llm_platform.db")
 T = TypeVar("T")

@@ -9,7 +9,7 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
-from .errors import GatewayError, not_found_error
+from ..errors import GatewayError, not_found_error
 
 
 def _error_response(exc: GatewayError) -> JsonResponse:

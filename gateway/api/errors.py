@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import GatewayError, invalid, method_not_allowed, not_found_error
-
-__all__ = ["GatewayError", "drf_exception_handler", "invalid", "method_not_allowed", "not_found_error"]
+from ..errors import GatewayError
 
 
 def drf_exception_handler(exc, context):

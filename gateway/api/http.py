@@ -7,7 +7,7 @@ import uuid
 
 import orjson
 
-from .errors import GatewayError
+from ..errors import GatewayError
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON = b"application/json"

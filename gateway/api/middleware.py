@@ -3,7 +3,7 @@ under `/v1/` is in the front door's `{"error": {...}}` shape, whatever Django wo
 
 from django.http import JsonResponse
 
-from .errors import GatewayError, method_not_allowed, not_found_error
+from ..errors import GatewayError, method_not_allowed, not_found_error
 from .http import request_id_from
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .errors import GatewayError, invalid
+from ..errors import GatewayError, invalid
 
 # JSON nesting allowed in a body (the body itself is level 1): a tool's parameters schema may
 # still nest ~30 schema levels. orjson writes at most 254; OpenAI's strict schemas allow 10.

@@ -17,9 +17,9 @@ from typing import Any
 import orjson
 from django.conf import settings
 
+from ..errors import GatewayError, invalid
 from ..structured import validate_schema
 from ..types import PASSTHROUGH_PARAMS, ChatRequest
-from .errors import GatewayError, invalid
 from .nesting import nests_too_deep, too_deep_error
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from tenants.principal import Principal
 
-from ..api.errors import GatewayError
+from ..errors import GatewayError
 from . import wire
 from .batching import _batcher
 from .leases import LEASE_SLOTS, Lease, _lease_id

@@ -23,7 +23,7 @@ from django.conf import settings
 from billing.periods import NANO, Periods, budget_ttl_ms, nano, period_ends
 from tenants.principal import Principal
 
-from ..api.errors import GatewayError
+from ..errors import GatewayError
 from ..routing import LaneSpec
 from .wire import pack_plan
 

@@ -22,7 +22,7 @@ from typing import Any
 import anthropic
 import httpx2  # the anthropic SDK's HTTP stack; its errors surface unwrapped mid-stream
 
-from ..api.errors import GatewayError
+from ..errors import GatewayError
 from ..lane_policy import policy_for
 from ..routing import LaneSpec
 from ..types import ChatRequest, Chunk, Completion, Outcome, Usage

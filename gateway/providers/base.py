@@ -10,7 +10,7 @@ from django.conf import settings
 
 from llm_platform.runtime import Runtime
 
-from ..api.errors import GatewayError
+from ..errors import GatewayError
 from ..routing import LaneSpec
 from ..types import ChatRequest, Chunk, Completion, Outcome
 from .credentials import redact, remember_name, remember_value

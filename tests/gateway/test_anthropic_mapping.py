@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gateway.api.errors import GatewayError
+from gateway.errors import GatewayError
 from gateway.providers import anthropic as adapter
 from gateway.providers.anthropic import (
     AnthropicProvider,

@@ -9,7 +9,7 @@ import jsonschema
 import openai
 import pytest
 
-from gateway.api.errors import GatewayError
+from gateway.errors import GatewayError
 from tests.conftest import schema
 
 ERROR_SCHEMA = schema("openai.ErrorResponse")

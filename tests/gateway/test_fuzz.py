@@ -35,9 +35,9 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from gateway.api.errors import GatewayError
 from gateway.api.validation import parse_json, validate_chat
 from gateway.chat.call import CallContext, ChatCall
+from gateway.errors import GatewayError
 from gateway.idempotency import fingerprint
 from gateway.providers.anthropic import to_anthropic
 from gateway.providers.local import LocalProvider

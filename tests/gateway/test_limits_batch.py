@@ -21,7 +21,7 @@ from django.conf import settings
 from billing.periods import nano
 from billing.recorder import rider
 from gateway import limits
-from gateway.api.errors import GatewayError
+from gateway.errors import GatewayError
 from llm_platform.redis import get_redis
 from tenants.principal import Principal
 from tests.support.rows import usage_row

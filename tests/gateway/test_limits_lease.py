@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 
 from gateway import limits
-from gateway.api.errors import GatewayError
+from gateway.errors import GatewayError
 from llm_platform import resp
 from llm_platform.redis import get_redis
 from tenants.principal import Principal

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from gateway.api.errors import GatewayError
+from gateway.errors import GatewayError
 from gateway.structured import (
     StreamChecker,
     check,
