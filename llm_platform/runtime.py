@@ -32,8 +32,7 @@ class Runtime:
         self.loop = loop
         self.providers: dict[tuple, object] = {}  # (kind, base URL, credential) -> adapter
         self.active: set = set()  # the cancel tokens of calls in flight (ended at shutdown)
-        self.journal: dict = {}  # request id -> this loop's admitted calls (gateway/chat/journal.py)
-        self.journal_beat: asyncio.Task | None = None
+        self.journal = None  # this loop's admitted calls (gateway/chat/journal.py `Journal`)
         self.started = False
         self._background: list[asyncio.Task] = []
         self._stream_deadline: asyncio.TimerHandle | None = None
@@ -169,8 +168,8 @@ class Runtime:
         await drain_settling()
         await give_back_leases()
         await flush_successes_now()
-        if self.journal_beat is not None:
-            self.journal_beat.cancel()
+        if self.journal is not None and self.journal.beat is not None:
+            self.journal.beat.cancel()
         for task in self._background:
             task.cancel()
         self._background.clear()

@@ -228,6 +228,8 @@ GATEWAY = {
     # An admitted call not renewed by its process for this long counts as lost with it, and is
     # billed from the call journal (gateway/chat/journal.py).
     "JOURNAL_TTL_SECONDS": env_float("GW_JOURNAL_TTL_SECONDS", 60.0),
+    # Calls admitted within this many ms go to the journal together; one that ends sooner never does.
+    "JOURNAL_DELAY_MS": env_float("GW_JOURNAL_DELAY_MS", 5.0),
     # How long stored Responses API responses (`previous_response_id`, retrieve) are kept.
     "RESPONSES_TTL_DAYS": env_int("GW_RESPONSES_TTL_DAYS", 30),
     "STREAM_RESUME_ENABLED": env_bool("GW_STREAM_RESUME_ENABLED", True),

@@ -3,8 +3,9 @@ dies mid-call (kill -9, an out-of-memory kill) cannot make its calls vanish from
 
 `gw:journal` is a sorted set. Member: a call's compact record (request id, what its row needs,
 the completion tokens streamed so far); score: the ms after which the call counts as lost.
-A call's member is added when it is admitted and removed when its usage row is submitted, both
-riding with the next Redis write (no round trip of their own). While the call runs, its process
+A call's member is added within GW_JOURNAL_DELAY_MS of its admission (the calls of those ms in
+one ZADD riding with the next Redis write, no round trip of its own) and removed when its usage
+row is submitted; a call that ends sooner never touches Redis for this. While the call runs, its process
 renews it with every beat (all its calls in one ZADD, every third of GW_JOURNAL_TTL_SECONDS),
 refreshing the streamed count. `reap` (every web process, every few seconds) takes the members
 whose time has passed, exactly one process getting each (a Lua script), and records a row for
@@ -12,8 +13,8 @@ each: error `worker_lost`, partial, the prompt and the tokens seen streamed, pri
 lane's prices. The writer keeps one row per request id, so a call reaped by mistake (a process
 frozen past the TTL) and settled later is never billed twice.
 
-A process killed within GW_REDIS_DEFER_MS of admitting a call can still lose it: the same window
-in which a settled row waits to ride with another write.
+A process killed within GW_JOURNAL_DELAY_MS (5 ms) of admitting a call can still lose it, as a
+settled row can within GW_REDIS_DEFER_MS of being written.
 """
 
 from __future__ import annotations
@@ -61,31 +62,71 @@ def _member(call, streamed: int) -> bytes:
                          str(lane.price_input), str(lane.price_output)])
 
 
-def _journal() -> dict[str, _Entry]:
+class Journal:
+    """One loop's side of the journal. Calls admitted within the last GW_JOURNAL_DELAY_MS wait in
+    `fresh` and go to Redis together, in one ZADD; a call that ends before that never touches
+    Redis at all (most calls on a fast lane), and the removals of those that did go in one ZREM."""
+
+    __slots__ = ("loop", "open", "fresh", "gone", "timer", "beat")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.open: dict[str, _Entry] = {}  # in Redis
+        self.fresh: dict[str, object] = {}  # admitted, not yet written
+        self.gone: list[bytes] = []  # members to remove
+        self.timer: asyncio.TimerHandle | None = None
+        self.beat: asyncio.Task | None = None
+
+    def _soon(self) -> None:
+        if self.timer is None:
+            self.timer = self.loop.call_later(settings.GATEWAY["JOURNAL_DELAY_MS"] / 1000, self.flush)
+
+    def flush(self) -> None:
+        self.timer = None
+        resp = get_resp()
+        if self.fresh:
+            expiry = int(time.time() * 1000) + ttl_ms()
+            scores: list = []
+            for request_id, call in self.fresh.items():
+                entry = self.open[request_id] = _Entry(call, _member(call, 0))
+                scores += (expiry, entry.member)
+            self.fresh.clear()
+            resp.send_deferred(("ZADD", KEY, *scores))
+            if self.beat is None or self.beat.done():
+                self.beat = asyncio.ensure_future(_beat(self))
+        if self.gone:
+            resp.send_deferred(("ZREM", KEY, *self.gone))
+            self.gone = []
+
+
+def _journal() -> Journal:
     runtime = Runtime.current()
-    journal = runtime.journal
-    if runtime.journal_beat is None or runtime.journal_beat.done():
-        runtime.journal_beat = asyncio.ensure_future(_beat(journal))
-    return journal
+    if runtime.journal is None:
+        runtime.journal = Journal(runtime.loop)
+    return runtime.journal
 
 
 def opened(call) -> None:
-    """The call was admitted: put it in the journal (riding with the next Redis write)."""
-    member = _member(call, 0)
-    _journal()[call.ctx.request_id] = _Entry(call, member)
-    get_resp().send_deferred(("ZADD", KEY, int(time.time() * 1000) + ttl_ms(), member))
+    """The call was admitted: it goes into the journal within GW_JOURNAL_DELAY_MS."""
+    journal = _journal()
+    journal.fresh[call.ctx.request_id] = call
+    journal._soon()
 
 
 def closed(call) -> None:
-    """Its usage row is on its way: take it out of the journal (riding with the settlement)."""
-    entry = Runtime.current().journal.pop(call.ctx.request_id, None)
+    """Its usage row is on its way: out of the journal (riding with the next write)."""
+    journal = Runtime.current().journal
+    if journal is None or journal.fresh.pop(call.ctx.request_id, None) is not None:
+        return  # never written: nothing to remove
+    entry = journal.open.pop(call.ctx.request_id, None)
     if entry is not None:
-        get_resp().send_deferred(("ZREM", KEY, entry.member))
+        journal.gone.append(entry.member)
+        journal._soon()
 
 
-async def _beat(journal: dict[str, _Entry]) -> None:
+async def _beat(journal: Journal) -> None:
     """Renew this process's calls (and their streamed counts) while any run."""
-    while journal:
+    while journal.open:
         await asyncio.sleep(ttl_ms() / 3000)
         try:
             await renew(journal)
@@ -93,13 +134,13 @@ async def _beat(journal: dict[str, _Entry]) -> None:
             log.warning("could not renew the call journal: %s", exc)
 
 
-async def renew(journal: dict[str, _Entry] | None = None) -> None:
-    journal = Runtime.current().journal if journal is None else journal
-    if not journal:
+async def renew(journal: Journal | None = None) -> None:
+    journal = journal or Runtime.current().journal
+    if journal is None or not journal.open:
         return
     expiry = int(time.time() * 1000) + ttl_ms()
     stale, scores = [], []
-    for entry in list(journal.values()):
+    for entry in list(journal.open.values()):
         parts = entry.call.outcome.completion_text_parts
         streamed = len(parts) if parts else 0  # a streamed chunk is about one token
         if streamed != entry.streamed:

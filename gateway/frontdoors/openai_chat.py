@@ -54,17 +54,14 @@ def _replay_headers(start) -> dict:
 
 
 async def _json(request: Request, send, session: ChatSession) -> None:
-    async with contextlib.aclosing(session.events()) as events:
-        async for event in events:
-            if event.kind == "start":
-                start = event
-            elif event.kind == "completed":
-                await send_json(send, 200, event.completion.data, request.request_id, pairs=start.headers)
+    start, completion = await session.complete()
+    await send_json(send, 200, completion.data, request.request_id, pairs=start.headers)
 
 
 async def _stream(request: Request, send, session: ChatSession) -> None:
     frames: list[bytes] = []
-    async with contextlib.aclosing(session.events()) as events:
+    events = session.events()
+    try:
         async for event in events:
             if event.kind == "delta":
                 frames.append(b"id: %d\ndata: %s\n\n" % (event.seq, event.data))
@@ -77,6 +74,8 @@ async def _stream(request: Request, send, session: ChatSession) -> None:
             else:
                 frames.append(_end(event))
                 await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
+    finally:
+        await events.aclose()  # a door that stops early closes the call now (its client is gone)
 
 
 def _end(event) -> bytes:

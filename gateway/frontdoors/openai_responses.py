@@ -110,20 +110,15 @@ class _Turn:
             await orm(_save, self.tenant_id, body, self.data, self.items, conversation)
 
 
-async def _json(request: Request, send, turn_session: ChatSession, turn: _Turn) -> None:
-    async with contextlib.aclosing(turn_session.events()) as events:
-        async for event in events:
-            if event.kind == "start":
-                start = event
-            elif event.kind == "completed":
-                completion = event.completion
-                choices = completion.choices()
-                choice = choices[0] if choices else None
-                output = wire.output_items(choice.text if choice else None, choice.tool_calls if choice else None)
-                body = wire.response_object(wire.new_id("resp"), time.time(), turn.data, output, completion.usage,
-                                            "completed", choice.finish_reason if choice else None)
-                await turn.store(body)
-                await send_json(send, 200, orjson.dumps(body), request.request_id, pairs=start.headers)
+async def _json(request: Request, send, session: ChatSession, turn: _Turn) -> None:
+    start, completion = await session.complete()
+    choices = completion.choices()
+    choice = choices[0] if choices else None
+    output = wire.output_items(choice.text if choice else None, choice.tool_calls if choice else None)
+    body = wire.response_object(wire.new_id("resp"), time.time(), turn.data, output, completion.usage, "completed",
+                                choice.finish_reason if choice else None)
+    await turn.store(body)
+    await send_json(send, 200, orjson.dumps(body), request.request_id, pairs=start.headers)
 
 
 def _sse(events: list) -> bytes:

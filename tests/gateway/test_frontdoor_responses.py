@@ -96,3 +96,36 @@ def test_bad_input_is_a_400_naming_the_field(sdk):
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.responses.create(model="local", input="hi", tools=[{"type": "web_search"}])
     assert caught.value.body["param"] == "tools[0].type"
+
+
+def test_a_client_hanging_up_a_streamed_response_cancels_it_and_records_a_partial_row(server, tenants):
+    import asyncio
+    import time
+
+    import aiohttp
+
+    from billing.models import UsageRecord
+    from llm_platform.redis import get_redis
+    from tests.conftest import drain_usage
+
+    tenant, _, secret = tenants.make(tier={"max_concurrent": 3})  # small: one slot per request
+
+    async def hang_up() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.base_url}/responses", headers={"Authorization": f"Bearer {secret}"},
+                                    json={"model": "local-slow", "stream": True, "input": "tell me a story " * 20}) as response:
+                deltas = 0
+                async for line in response.content:
+                    deltas += line.startswith(b"event: response.output_text.delta")
+                    if deltas == 3:
+                        return  # the client leaves mid-answer
+
+    asyncio.run(hang_up())
+    deadline = time.monotonic() + 5
+    while not UsageRecord.objects.filter(tenant=tenant).exists():
+        drain_usage()
+        assert time.monotonic() < deadline, "no usage row after the client hung up"
+    row = UsageRecord.objects.get(tenant=tenant)
+    assert row.front_door == "responses" and row.http_status == 499 and row.partial
+    assert 1 <= row.completion_tokens < 60
+    assert get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc") == 0
