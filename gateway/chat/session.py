@@ -78,21 +78,21 @@ class ChatSession:
             keep_events or idempotency_key is not None)
         self._retry = False
 
-    async def complete(self) -> tuple[Start, Completion]:
-        """A whole answer (`req.stream` false): its Start and its Completion, without the event
-        machinery of `events()` (the same call underneath; a coroutine costs less per request)."""
+    async def complete(self, deliver) -> None:
+        """A whole answer (`req.stream` false), handed to `await deliver(start, completion)` before
+        the call settles (the client gets it first), without the event machinery of `events()`:
+        the same call underneath, in a coroutine, which costs less per request."""
         if self.idempotency_key is not None:
-            start = completion = None
             events = self._idempotent()
             try:
                 async for event in events:
                     if event.kind == "start":
                         start = event
                     elif event.kind == "completed":
-                        completion = event.completion
+                        await deliver(start, event.completion)
             finally:
                 await events.aclose()
-            return start, completion
+            return
         token = self.cancel
         if token._task is None:
             token.bind()
@@ -105,7 +105,7 @@ class ChatSession:
                     completion = await call.complete()
                 except asyncio.CancelledError:
                     raise _ended_by_server(token) from None
-                return self._start(call, None), completion
+                await deliver(self._start(call, None), completion)
         finally:
             active.discard(token)
 

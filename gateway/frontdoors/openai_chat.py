@@ -54,8 +54,10 @@ def _replay_headers(start) -> dict:
 
 
 async def _json(request: Request, send, session: ChatSession) -> None:
-    start, completion = await session.complete()
-    await send_json(send, 200, completion.data, request.request_id, pairs=start.headers)
+    async def deliver(start, completion) -> None:
+        await send_json(send, 200, completion.data, request.request_id, pairs=start.headers)
+
+    await session.complete(deliver)
 
 
 async def _stream(request: Request, send, session: ChatSession) -> None:

@@ -111,14 +111,16 @@ class _Turn:
 
 
 async def _json(request: Request, send, session: ChatSession, turn: _Turn) -> None:
-    start, completion = await session.complete()
-    choices = completion.choices()
-    choice = choices[0] if choices else None
-    output = wire.output_items(choice.text if choice else None, choice.tool_calls if choice else None)
-    body = wire.response_object(wire.new_id("resp"), time.time(), turn.data, output, completion.usage, "completed",
-                                choice.finish_reason if choice else None)
-    await turn.store(body)
-    await send_json(send, 200, orjson.dumps(body), request.request_id, pairs=start.headers)
+    async def deliver(start, completion) -> None:
+        choices = completion.choices()
+        choice = choices[0] if choices else None
+        output = wire.output_items(choice.text if choice else None, choice.tool_calls if choice else None)
+        body = wire.response_object(wire.new_id("resp"), time.time(), turn.data, output, completion.usage,
+                                    "completed", choice.finish_reason if choice else None)
+        await turn.store(body)
+        await send_json(send, 200, orjson.dumps(body), request.request_id, pairs=start.headers)
+
+    await session.complete(deliver)
 
 
 def _sse(events: list) -> bytes:
