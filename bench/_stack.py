@@ -469,7 +469,7 @@ def start_profile(procs: Processes, folder: str | None, pid: int, name: str, env
         return None
     out = Path(folder).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    return procs.start(f"py-spy-{name}", [spy, "record", "--nonblocking", "--rate", "200", "--format", "raw",
+    return procs.start(f"py-spy-{name}", [spy, "record", "--nonblocking", "--rate", os.environ.get("GW_BENCH_SPY_RATE", "200"), "--format", "raw",
                                           "--output", str(out / f"{name}.txt"), "--pid", str(pid)], env, cpu)
 
 
