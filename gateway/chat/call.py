@@ -26,6 +26,7 @@ from django.conf import settings
 from billing.ledger import UsageRow
 from billing.pricing import cost_usd
 from billing.recorder import record, rider
+from llm_platform.runtime import Runtime
 from tenants.principal import Principal
 
 from .. import limits, resilience
@@ -42,6 +43,8 @@ from .cancel import CLIENT_GONE as CLIENT_GONE_REASON
 from .cancel import CancelToken
 
 log = logging.getLogger("gateway.calls")
+_LOGGED = ("request_id", "tenant_id", "key_prefix", "model", "provider", "http_status", "error_code", "latency_ms",
+           "prompt_tokens", "completion_tokens", "stream", "partial")
 CLIENT_GONE = 499  # nginx's convention for "the client closed the request"
 _settling: set[asyncio.Task] = set()
 
@@ -51,6 +54,11 @@ class CallContext:
     request_id: str
     front_door: str = "openai"
     cancel: CancelToken | None = None  # who may stop the call, and why it stopped
+    runtime: Runtime | None = None  # the running loop's (found once per call, not per use)
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = Runtime.current()
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
 
@@ -295,7 +303,7 @@ class ChatCall:
         self._done = False
         async for ticket in self._lanes():
             self.lane, self.outcome = ticket.lane, self._fresh_outcome()
-            provider = get_provider(ticket.lane)
+            provider = get_provider(ticket.lane, self.ctx.runtime)
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(ticket.policy.total_s):
@@ -318,7 +326,7 @@ class ChatCall:
         chunks = None
         async for ticket in self._lanes():
             self.lane, self.outcome = ticket.lane, self._fresh_outcome()
-            provider = get_provider(ticket.lane)
+            provider = get_provider(ticket.lane, self.ctx.runtime)
             started = time.perf_counter()
             chunks = provider.stream(ticket.lane, self.req, self.outcome)
             try:
@@ -456,12 +464,8 @@ class ChatCall:
         cost = cost_usd(lane.price_input, lane.price_output, lane.price_cached_input, usage.prompt_tokens,
                         usage.completion_tokens, usage.cached_tokens, usage.cache_creation_tokens)
         row = self.row(usage, cost)
-        log.info(
-            "chat call",
-            extra={k: getattr(row, k) for k in ("request_id", "tenant_id", "key_prefix", "model", "provider",
-                                        "http_status", "error_code", "latency_ms", "prompt_tokens",
-                                        "completion_tokens", "stream", "partial")},
-        )
+        if log.isEnabledFor(logging.INFO):  # the extra fields cost a dict per call; skip it when not logged
+            log.info("chat call", extra={k: getattr(row, k) for k in _LOGGED})
         settled = None
         if self.admission is not None and self.admission.lease is not None:
             limits.settle_locally(self.admission, usage.total_tokens, cost)  # the row: recorded as it is

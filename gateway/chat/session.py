@@ -96,11 +96,13 @@ class ChatSession:
         token = self.cancel
         if token._task is None:
             token.bind()
-        active = Runtime.current().active
+        runtime = Runtime.current()
+        active = runtime.active
         active.add(token)
         try:
             self.req = await prepare(self.principal, self.req)
-            async with open_call(self.principal, self.req, CallContext(self.call_id, self.front_door, cancel=token)) as call:
+            ctx = CallContext(self.call_id, self.front_door, cancel=token, runtime=runtime)
+            async with open_call(self.principal, self.req, ctx) as call:
                 try:
                     completion = await call.complete()
                 except asyncio.CancelledError:
@@ -125,11 +127,12 @@ class ChatSession:
         token = self.cancel
         if token._task is None:
             token.bind()  # the task consuming these events
-        active = Runtime.current().active  # a deploy ends the calls still running (`end_calls`)
+        runtime = Runtime.current()
+        active = runtime.active  # a deploy ends the calls still running (`end_calls`)
         active.add(token)
         try:
             self.req = await prepare(self.principal, self.req)
-            ctx = CallContext(self.call_id, self.front_door, cancel=token)
+            ctx = CallContext(self.call_id, self.front_door, cancel=token, runtime=runtime)
             async with open_call(self.principal, self.req, ctx) as call:
                 if not self.req.stream:
                     try:

@@ -12,7 +12,7 @@ from tenants.auth import AuthenticationFailed, authenticate, extract_key
 from tenants.principal import Principal
 
 from ..api.http import Request
-from ..chat.cancel import CLIENT_GONE, CancelToken, run_cancellable
+from ..chat.cancel import CLIENT_GONE, CancelToken
 from ..errors import GatewayError
 
 
@@ -77,7 +77,10 @@ async def until_disconnect(work, receive, token: CancelToken, detach: ClientSink
     """Run a door's rendering of a session; if the client hangs up first, cancel the call
     through its token (the upstream call stops, the slot is released, the row is partial).
 
-    With `detach` (a resumable stream) the call goes on and only stops sending."""
+    With `detach` (a resumable stream) the call goes on and only stops sending. The work runs in
+    this task (what `run_cancellable` does, inlined: this is every request's path)."""
+    me = asyncio.current_task()
+    token.bind(me)
 
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -89,9 +92,15 @@ async def until_disconnect(work, receive, token: CancelToken, detach: ClientSink
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await run_cancellable(token, work)
+        await work
+    except asyncio.CancelledError:
+        if token.reason is None:
+            raise
+        me.uncancel()
     finally:
         watcher.cancel()
+        if token.reason is not None and me.cancelling():
+            me.uncancel()
 
 
 def truthy(value: str | None) -> bool:

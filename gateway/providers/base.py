@@ -159,12 +159,12 @@ def default_base_url(kind: str) -> str:
     return ""
 
 
-def get_provider(lane: LaneSpec) -> Provider:
+def get_provider(lane: LaneSpec, runtime: Runtime | None = None) -> Provider:
     """The long-lived adapter for this lane's provider, base URL and credential, held by the
     running loop's runtime (its connections cannot cross loops)."""
     api_key = lane_credentials(lane)
     base_url = (lane.base_url or default_base_url(lane.provider)).rstrip("/")
-    held = Runtime.current().providers
+    held = (runtime or Runtime.current()).providers
     key = (lane.provider, base_url, api_key)
     provider = held.get(key)
     if provider is None:
