@@ -26,7 +26,6 @@ from django.conf import settings
 from billing.ledger import UsageRow
 from billing.pricing import cost_usd
 from billing.recorder import record, rider
-from llm_platform.runtime import Runtime
 from tenants.principal import Principal
 
 from .. import limits, resilience
@@ -54,11 +53,7 @@ class CallContext:
     request_id: str
     front_door: str = "openai"
     cancel: CancelToken | None = None  # who may stop the call, and why it stopped
-    runtime: Runtime | None = None  # the running loop's (found once per call, not per use)
-
-    def __post_init__(self) -> None:
-        if self.runtime is None:
-            self.runtime = Runtime.current()
+    runtime: object | None = None  # llm_platform.runtime.Runtime  # the running loop's, when the session found it already
     started: float = field(default_factory=time.perf_counter)
     started_wall: float = field(default_factory=time.time)
 

@@ -107,14 +107,14 @@ def _journal(runtime: Runtime) -> Journal:
 
 def opened(call) -> None:
     """The call was admitted: it goes into the journal within GW_JOURNAL_DELAY_MS."""
-    journal = _journal(call.ctx.runtime)
+    journal = _journal(call.ctx.runtime or Runtime.current())
     journal.fresh[call.ctx.request_id] = call
     journal._soon()
 
 
 def closed(call) -> None:
     """Its usage row is on its way: out of the journal (riding with the next write)."""
-    journal = call.ctx.runtime.journal
+    journal = (call.ctx.runtime or Runtime.current()).journal
     if journal is None or journal.fresh.pop(call.ctx.request_id, None) is not None:
         return  # never written: nothing to remove
     entry = journal.open.pop(call.ctx.request_id, None)
