@@ -39,6 +39,7 @@ class Target:
     pid: int | None = None  # the process whose CPU is charged to this path (platform only)
     headers: dict = field(default_factory=dict)  # extra request headers (e.g. Idempotency-Key)
     expect: dict = field(default_factory=dict)  # response headers every good answer must carry
+    protocol: str = "openai"  # the front door's: openai (chat completions), anthropic, responses
 
 
 @dataclass
@@ -80,15 +81,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered), rank) - 1)]
 
 
-def request_body(model: str, stream: bool) -> bytes:
+def request_body(model: str, stream: bool, protocol: str = "openai") -> bytes:
+    if protocol == "anthropic":  # /v1/messages
+        return orjson.dumps({"model": model, "max_tokens": 256, "messages": MESSAGES, "stream": stream})
+    if protocol == "responses":  # /v1/responses
+        return orjson.dumps({"model": model, "input": MESSAGES, "stream": stream, "store": False})
     body: dict = {"model": model, "messages": MESSAGES, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     return orjson.dumps(body)
 
 
-def check_answer(stream: bool, body: bytes) -> str | None:
+def check_answer(stream: bool, body: bytes, protocol: str = "openai") -> str | None:
     """Why a 200 answer is not a complete, well-formed one (None when it is)."""
+    if protocol == "anthropic":
+        if stream:
+            if not body.endswith(b'data: {"type":"message_stop"}\n\n'):
+                return "stream without message_stop"
+            return None if body.count(b"event: content_block_delta") >= CHUNKS else "stream with missing events"
+        return None if b'"content"' in body and b'"output_tokens"' in body else "answer without content or usage"
+    if protocol == "responses":
+        if stream:
+            if b"event: response.completed" not in body:
+                return "stream without response.completed"
+            return None if body.count(b"event: response.output_text.delta") >= CHUNKS else "stream with missing events"
+        return None if b'"output"' in body and b'"output_tokens"' in body else "answer without output or usage"
     if stream:
         if not body.endswith(b"data: [DONE]\n\n"):
             return "stream without [DONE]"
@@ -130,7 +147,7 @@ async def one_request(session: aiohttp.ClientSession, target: Target, body: byte
         if len(result.samples) < 3:
             result.samples.append(f"HTTP {status}: {payload[:300].decode(errors='replace')}")
         return
-    problem = check_answer(stream, payload)
+    problem = check_answer(stream, payload, target.protocol)
     if problem is not None:
         result.problems[problem] += 1
         if len(result.samples) < 3:
@@ -151,7 +168,7 @@ async def run_phase(target: Target, stream: bool, concurrency: int, warmup: floa
                     platform_cpu: int | None) -> Result:
     """C workers in a closed loop for warmup + duration seconds; the window is the last part."""
     result = Result(target.name, stream, concurrency)
-    body = request_body(target.model, stream)
+    body = request_body(target.model, stream, target.protocol)
     headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json", **target.headers}
     window: list[tuple[float, float, float | None]] = []
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
@@ -236,7 +253,7 @@ async def _slice(session: aiohttp.ClientSession, target: Target, stream: bool, c
                  seconds: float, platform_cpu: int | None, result: Result, measured: bool) -> None:
     """C workers on one target for `seconds`; answers completed inside are added to `result`
     when `measured` (requests in flight at the end finish, uncounted, before the next slice)."""
-    body = request_body(target.model, stream)
+    body = request_body(target.model, stream, target.protocol)
     headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json", **target.headers}
     window: list[tuple[float, float, float | None]] = []
     begin = _mark(target.pid, platform_cpu)

@@ -160,6 +160,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="record the platform with py-spy (if installed) during each platform cell, as "
                              "collapsed stacks in DIR (figures are then slightly lower)")
+    parser.add_argument("--doors", default="",
+                        help="other front doors to measure beside chat completions, on the same lane: "
+                             "messages,responses (issue 21's /v1/messages and /v1/responses); default none")
     parser.add_argument("--baseline", metavar="REF", default=None,
                         help="compare this working tree (after) with commit REF (before: HEAD~1, a hash, a branch), "
                              "checked out in a temporary folder, in alternating slices; no direct path")
@@ -172,6 +175,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slice", type=float, default=0.5,
                         help="with --baseline: seconds of load on one side before switching (default 0.5)")
     args = parser.parse_args(argv)
+    args.doors = [d.strip() for d in args.doors.split(",") if d.strip()]
+    if any(d not in DOORS for d in args.doors):
+        parser.error(f"--doors takes {','.join(DOORS)}")
     if args.quick:
         args.duration, args.concurrency = 1.0, "1,8"
     if args.warmup is None:
@@ -190,12 +196,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    cells = len(args.levels) * 2 * 2
+    cells = len(args.levels) * 2 * (2 + len(args.doors))
     if args.baseline is not None:
         measured = cells * (args.rounds * (args.warmup + args.slice) + args.duration + 10)
         return run_bench(300 + args.rounds * 90 + measured * 1.5, args.embedded, measure_baseline, args)
     budget = 300 + cells * (args.warmup + args.duration + 15)
     return run_bench(budget, args.embedded, measure, args)
+
+
+# Other front doors `--doors` measures beside chat completions: (path, protocol of the load).
+DOORS = {"messages": ("/v1/messages", "anthropic"), "responses": ("/v1/responses", "responses")}
+DOOR_P50_TARGET_MS = 0.3  # issue 21: within 0.3 ms p50 of chat completions at c=1
 
 
 def measure(bench: Bench, args: argparse.Namespace) -> int:
@@ -210,7 +221,10 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
 
     direct = Target("direct", f"{upstream_root}/chat/completions", UPSTREAM_MODEL, UPSTREAM_KEY)
     through = Target("platform", plat.chat_url, ROUTE, key, pid=plat.pid)
+    doors = [Target(door, f"{plat.url}{DOORS[door][0]}", ROUTE, key, pid=plat.pid, protocol=DOORS[door][1])
+             for door in args.doors]
     pairs: list[tuple[Result, Result]] = []
+    door_pairs: dict[str, list[tuple[Result, Result]]] = {door.name: [] for door in doors}
     results: list[Result] = []
 
     async def run_all() -> None:
@@ -228,13 +242,18 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
                 bench.check_alive()
                 pairs.append((d, p))
                 results.extend((d, p))
+                for door in doors:  # the same call through another front door, same lane
+                    q = await run_phase(door, stream, c, args.warmup, args.duration, bench.platform_cpu)
+                    bench.check_alive()
+                    door_pairs[door.name].append((d, q))
+                    results.append(q)
 
     bench.run(run_all)
 
     rss_peak = vm_hwm_mib(plat.pid)
     cpu_total = cpu_seconds(plat.pid) - plat.cpu_ready
-    served = 1 + sum(r.good for r in results if r.target == "platform")  # 1: the first request
-    in_windows = [r for r in results if r.target == "platform" and r.cpu is not None]
+    served = 1 + sum(r.good for r in results if r.target != "direct")  # 1: the first request
+    in_windows = [r for r in results if r.target != "direct" and r.cpu is not None]
     window_cpu = sum(r.cpu for r in in_windows)
     window_ok = sum(r.ok for r in in_windows)
     left, pending, rows, cost = bench.usage()
@@ -253,6 +272,16 @@ def measure(bench: Bench, args: argparse.Namespace) -> int:
           f"answers, total cost ${cost}; {left} left in the stream, {pending} pending; "
           f"usage writer CPU {writer_cpu:.2f} s (start-up included) = {writer_cpu * 1000 / max(rows, 1):.2f} ms/row")
     print_targets(pairs, rss_peak)
+    for name, door_rows in door_pairs.items():
+        print()
+        header(f"Through {DOORS[name][0]}", "the same lane and calls; the direct column is the run above")
+        print_table(door_rows)
+        for (_, chat), (_, door) in zip(pairs, door_rows, strict=True):
+            if chat.concurrency == 1:
+                gap = p50(door) - p50(chat)
+                verdict = "PASS" if gap <= DOOR_P50_TARGET_MS else "FAIL"
+                print(f"  {verdict}  {name} {mode(chat.stream)} c=1: p50 {p50(door):.2f} ms vs chat completions "
+                      f"{p50(chat):.2f} ms ({gap:+.2f} ms; target <= +{DOOR_P50_TARGET_MS} ms)")
     bad = print_problems(results, label=lambda r: f"{r.target:8s}")
     warn_busy([p for _, p in pairs])
     if rows < served:
