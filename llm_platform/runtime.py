@@ -23,6 +23,7 @@ import weakref
 
 log = logging.getLogger("llm_platform.runtime")
 REAP_EVERY_S = 5
+PURGE_EVERY_S = 3600
 
 
 class Runtime:
@@ -92,7 +93,20 @@ class Runtime:
                 await self._prune_functions()
             if seconds % REAP_EVERY_S == 0:
                 await self._reap_lost_calls()
+            if seconds % PURGE_EVERY_S == 0:
+                await self._purge_responses()
             seconds += 1
+
+    @staticmethod
+    async def _purge_responses() -> None:
+        """Delete stored Responses API responses past their retention (any process may)."""
+        from gateway.frontdoors.openai_responses import purge_expired
+        from llm_platform.db import orm
+
+        try:
+            await orm(purge_expired)
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL away or slow: the next hour tries again
+            log.warning("could not purge expired stored responses: %s", exc)
 
     @staticmethod
     async def _reap_lost_calls() -> None:

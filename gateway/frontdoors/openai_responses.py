@@ -51,6 +51,16 @@ def _storable(value):
     return orjson.loads(raw.replace(b"\\u0000", b"\\ufffd")) if b"\\u0000" in raw else value
 
 
+def purge_expired(batch: int = 1000) -> int:
+    """Delete stored responses past their retention, in batches (no long lock); how many."""
+    deleted = 0
+    while True:
+        ids = list(StoredResponse.objects.filter(expires_at__lte=datetime.now(UTC)).values_list("pk", flat=True)[:batch])
+        if not ids:
+            return deleted
+        deleted += StoredResponse.objects.filter(pk__in=ids).delete()[0]
+
+
 def _save(tenant_id: int, body: dict, data: dict, items: list, conversation: list) -> None:
     now = datetime.now(UTC)
     StoredResponse.objects.create(

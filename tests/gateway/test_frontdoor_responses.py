@@ -129,3 +129,19 @@ def test_a_client_hanging_up_a_streamed_response_cancels_it_and_records_a_partia
     assert row.front_door == "responses" and row.http_status == 499 and row.partial
     assert 1 <= row.completion_tokens < 60
     assert get_redis().zcard(f"gw:{{t{tenant.pk}}}:conc") == 0
+
+
+def test_responses_past_their_retention_are_purged_and_fresh_ones_kept(sdk, committed_db):
+    from datetime import UTC, datetime, timedelta
+
+    from django.core.management import call_command
+
+    from gateway.models import StoredResponse
+
+    old, fresh = (sdk.responses.create(model="local", input="Hi there") for _ in range(2))
+    StoredResponse.objects.filter(pk=old.id).update(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    with pytest.raises(openai.NotFoundError):  # expired: invisible at once
+        sdk.responses.retrieve(old.id)
+    call_command("purge_responses")
+    assert not StoredResponse.objects.filter(pk=old.id).exists()
+    assert sdk.responses.retrieve(fresh.id).id == fresh.id
