@@ -57,14 +57,17 @@ class GatewayHTTP:
                 started = True
             await send(message)
 
+        # A front door may render errors in its own protocol's shape (`renders_errors`).
+        render = getattr(handler, "send_error", send_error)
         try:
             await handler(request, receive, tracking_send)
         except GatewayError as exc:
             if not started:
-                await send_error(send, exc, request.request_id)
+                await render(send, exc, request.request_id)
         except ConnectionError:
             return  # the client left before we answered
         except Exception:
             log.exception("unhandled error", extra={"request_id": request.request_id, "path": request.path})
             if not started:
-                await send_error(send, GatewayError(500, "The platform hit an internal error; it has been logged.", code="internal_error"), request.request_id)
+                await render(send, GatewayError(500, "The platform hit an internal error; it has been logged.",
+                                                code="internal_error"), request.request_id)

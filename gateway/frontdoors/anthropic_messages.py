@@ -9,7 +9,6 @@ Every error this door answers, whatever raised it, is in Anthropic's shape.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import orjson
@@ -33,32 +32,10 @@ log = logging.getLogger("gateway.http")
 
 
 def anthropic_errors(handler):
-    """Answer any failure before the first byte in Anthropic's error shape (the ASGI entry's
-    own handler would answer in OpenAI's)."""
-
-    @functools.wraps(handler)
-    async def guarded(request: Request, receive, send) -> None:
-        started = False
-
-        async def tracking_send(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await handler(request, receive, tracking_send)
-        except GatewayError as exc:
-            if not started:
-                await send_error(send, exc, request.request_id)
-        except ConnectionError:
-            raise  # the client left before the answer: the ASGI entry drops it
-        except Exception:
-            log.exception("unhandled error", extra={"request_id": request.request_id, "path": request.path})
-            if not started:
-                await send_error(send, GatewayError(500, "The platform hit an internal error; it has been logged.",
-                                                    code="internal_error"), request.request_id)
-
-    return guarded
+    """Have the ASGI entry answer this door's failures before the first byte in Anthropic's
+    error shape (its default is OpenAI's): the entry's one error path, this door's renderer."""
+    handler.send_error = send_error
+    return handler
 
 
 async def send_error(send, exc: GatewayError, request_id: str) -> None:
