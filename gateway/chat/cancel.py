@@ -14,7 +14,7 @@ and the token's reason as its error code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -52,13 +52,15 @@ class CancelToken:
         return True
 
 
-async def run_cancellable(token: CancelToken, work: Awaitable[T]) -> T | None:
-    """Run `work` in the current task until it ends or `token` cancels it (then None).
+async def run_cancellable(token: CancelToken, work: Awaitable[T], alongside: Coroutine | None = None) -> T | None:
+    """Run `work` in the current task until it ends or `token` cancels it (then None);
+    `alongside` (e.g. a watch for the client hanging up) runs in a task of its own meanwhile.
 
     A cancellation that did not come from the token (the task itself being cancelled by its
     owner) propagates as usual."""
     me = asyncio.current_task()
     token.bind(me)
+    helper = asyncio.ensure_future(alongside) if alongside is not None else None
     try:
         return await work
     except asyncio.CancelledError:
@@ -67,6 +69,8 @@ async def run_cancellable(token: CancelToken, work: Awaitable[T]) -> T | None:
         me.uncancel()
         return None
     finally:
+        if helper is not None:
+            helper.cancel()
         token._task = None
         if token.reason is not None and me.cancelling():
             me.uncancel()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.exceptions
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -12,7 +10,7 @@ from tenants.auth import AuthenticationFailed, authenticate, extract_key
 from tenants.principal import Principal
 
 from ..api.http import Request
-from ..chat.cancel import CLIENT_GONE, CancelToken
+from ..chat.cancel import CLIENT_GONE, CancelToken, run_cancellable
 from ..errors import GatewayError
 
 
@@ -73,14 +71,10 @@ class ClientSink:
             self.gone = True
 
 
-async def until_disconnect(work, receive, token: CancelToken, detach: ClientSink | None = None) -> None:
-    """Run a door's rendering of a session; if the client hangs up first, cancel the call
-    through its token (the upstream call stops, the slot is released, the row is partial).
-
-    With `detach` (a resumable stream) the call goes on and only stops sending. The work runs in
-    this task (what `run_cancellable` does, inlined: this is every request's path)."""
-    me = asyncio.current_task()
-    token.bind(me)
+def until_disconnect(work, receive, token: CancelToken, detach: ClientSink | None = None):
+    """Run a door's rendering of a session (await the result); if the client hangs up first,
+    cancel the call through its token (the upstream call stops, the slot is released, the row
+    is partial). With `detach` (a resumable stream) the call goes on and only stops sending."""
 
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -90,17 +84,7 @@ async def until_disconnect(work, receive, token: CancelToken, detach: ClientSink
         else:
             token.cancel(CLIENT_GONE)
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await work
-    except asyncio.CancelledError:
-        if token.reason is None:
-            raise
-        me.uncancel()
-    finally:
-        watcher.cancel()
-        if token.reason is not None and me.cancelling():
-            me.uncancel()
+    return run_cancellable(token, work, alongside=watch())
 
 
 def truthy(value: str | None) -> bool:
