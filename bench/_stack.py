@@ -26,12 +26,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from llm_platform.embedded import EmbeddedPostgres, EmbeddedRedis, port_open  # noqa: E402
+from llm_platform.testrun import CLAIM_KEY, pid_alive  # noqa: E402  (claims shared with test runs)
 
 PY = sys.executable
 HOST = "127.0.0.1"
 DB_NAME = "gw_bench"
 REDIS_DB = 15  # claimed like a test run's (CLAIM_KEY), so that test runs skip it
-CLAIM_KEY = "gw:testrun:db:%d"  # llm_platform/testrun.py: a Redis database claimed in db 0 with SET NX
 CLAIM_SECONDS = 3 * 3600
 TENANT = "bench"
 TIER = "bench-unlimited"
@@ -117,16 +117,6 @@ def tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cpu_seconds(pid: int) -> float:

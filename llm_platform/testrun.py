@@ -79,7 +79,7 @@ def claim_redis_db(host: str, port: int, dbs: list[int] | None = None) -> int:
             won = control.set(key, os.getpid(), nx=True, ex=CLAIM_SECONDS)
             if not won:  # a run killed before its cleanup (SIGKILL, a timeout) left its claim
                 holder = control.get(key)
-                if holder is not None and not _alive(int(holder)):
+                if holder is not None and not pid_alive(int(holder)):
                     won = take_over(keys=[key], args=[holder, os.getpid(), CLAIM_SECONDS])
             if won:
                 redis.Redis(host=host, port=port, db=db).flushdb()
@@ -98,7 +98,7 @@ return 0
 """
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
